@@ -1,0 +1,8 @@
+"""FtZ (Fusion to Enhance): a CLIP anchor fused with a DINOv2 augmenter for small VLMs.
+
+This package root stays torch-free on purpose: the on-device runtime imports the shared
+preprocessing and prompt modules through it, and must never pull in torch or transformers.
+Import the model pieces from their modules (``ftz_edge.tower``, ``ftz_edge.mllm``, ...).
+"""
+
+__version__ = "0.1.0"

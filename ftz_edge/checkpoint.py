@@ -1,0 +1,129 @@
+"""FtZ checkpoint folders: a JSON config plus safetensors weights of the trained parts.
+
+Layout::
+
+    ftz_config.json            FtZConfig (component ids/paths, FtZ settings)
+    ftz_weights.safetensors    fusion modules (W_proj + MHCA) and projector(s)
+    llm/                       the LLM + tokenizer (save_pretrained), when the LLM was trained
+    anchor/, augmenter/        the encoders (save_pretrained), when the checkpoint is made
+                               self-contained (the shipped default model is)
+
+Component paths inside the config are relative to the folder when the component is stored in
+it, so the folder can be moved. Writes go to a temporary sibling folder that is renamed into
+place only when complete: an interrupted save never leaves a folder that looks valid.
+Never pickle: safetensors only.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ftz_edge import __version__
+from ftz_edge.config import CONFIG_NAME, FtZConfig
+from ftz_edge.mllm import FtZForCausalLM
+
+WEIGHTS_NAME = "ftz_weights.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a usable FtZ checkpoint (missing files, config/weights mismatch)."""
+
+
+def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders: bool = False,
+                    include_llm: Optional[bool] = None) -> Path:
+    """Write ``model`` to ``folder`` atomically (replacing an existing checkpoint there).
+
+    ``include_llm`` defaults to ``model.config.llm_trained``: a frozen LLM is referenced by id.
+    """
+    folder = Path(folder)
+    include_llm = model.config.llm_trained if include_llm is None else include_llm
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        if include_llm:
+            model.llm.save_pretrained(tmp / "llm")
+            model.tokenizer.save_pretrained(tmp / "llm")
+            config.llm = "llm"
+        if include_encoders:
+            model.vision.anchor.save_pretrained(tmp / "anchor")
+            _save_processor_spec(model.anchor_spec, tmp / "anchor")
+            config.tower.anchor = "anchor"
+            if model.vision.augmenter is not None:
+                model.vision.augmenter.save_pretrained(tmp / "augmenter")
+                _save_processor_spec(model.augmenter_spec, tmp / "augmenter")
+                config.tower.augmenter = "augmenter"
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.vision.trainable_state_dict().items()}
+        save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt", "ftz_edge": __version__})
+        config.save(tmp)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _save_processor_spec(spec, folder: Path) -> None:
+    import json
+
+    (folder / "preprocessor_config.json").write_text(json.dumps(spec.to_processor_config(), indent=2) + "\n")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old folder at ``dst`` is removed only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: str | Path, dtype: Optional[torch.dtype] = None) -> FtZForCausalLM:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {CONFIG_NAME} is missing")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {WEIGHTS_NAME} is missing")
+    try:
+        config = FtZConfig.load(folder)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {err}") from None
+    model = FtZForCausalLM.from_config(config, base_dir=folder, dtype=dtype)
+    try:
+        weights = load_file(folder / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} is unreadable: {err}") from None
+    load_trainable_weights(model, weights, source=folder / WEIGHTS_NAME)
+    return model
+
+
+def load_trainable_weights(model: FtZForCausalLM, weights: dict[str, torch.Tensor], source: object = "weights") -> None:
+    """Load fusion/projector weights, refusing any mismatch with the config-built model."""
+    expected = model.vision.trainable_state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model its config builds: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config builds {tuple(expected[name].shape)}"
+            )
+    model.vision.load_state_dict(weights, strict=False)

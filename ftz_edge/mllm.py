@@ -1,0 +1,169 @@
+"""LLaVA-style multimodal LM: image embeddings spliced into any Hugging Face causal LM.
+
+Token ids carry ``IMAGE_TOKEN_ID`` (-200) where an image goes (ftz_edge.prompt); each such id
+is replaced by the vision model's ``num_image_tokens`` embeddings, images consumed in order.
+Labels at image positions are -100 (never predicted).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ftz_edge import encoders, prompt
+from ftz_edge.config import FtZConfig
+from ftz_edge.preprocess import ImageProcessorSpec, load_image, preprocess_batch
+from ftz_edge.vision import FtZVision
+
+IGNORE_INDEX = -100
+
+
+class FtZForCausalLM(nn.Module):
+    def __init__(self, config: FtZConfig, vision: FtZVision, llm: PreTrainedModel, tokenizer,
+                 anchor_spec: ImageProcessorSpec, augmenter_spec: Optional[ImageProcessorSpec]):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.anchor_spec = anchor_spec
+        self.augmenter_spec = augmenter_spec
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: FtZConfig, base_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None) -> "FtZForCausalLM":
+        """Load every component with ``from_pretrained`` (hub ids or folders) and build fresh fusion
+        modules and projector(s). ``base_dir`` resolves relative component folders (checkpoints)."""
+        tower = config.tower
+        anchor_path = encoders.resolve_component(tower.anchor, base_dir)
+        anchor = encoders.load_anchor(tower.anchor, base_dir, dtype)
+        augmenter, aug_spec = None, None
+        if tower.uses_augmenter:
+            aug_path = encoders.resolve_component(tower.augmenter, base_dir)
+            augmenter = encoders.load_augmenter(tower.augmenter, base_dir, dtype)
+            aug_spec = encoders.augmenter_spec(aug_path, augmenter.config)
+        llm_path = encoders.resolve_component(config.llm, base_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(llm_path)
+            llm = AutoModelForCausalLM.from_pretrained(llm_path, **({"dtype": dtype} if dtype else {}))
+        except (OSError, ValueError) as err:
+            raise encoders.ComponentLoadError(f"cannot load the LLM or its tokenizer from {llm_path!r}: {err}") from None
+        vision = FtZVision(tower, anchor, augmenter, llm.config.hidden_size, config.projector_depth, config.preset)
+        if dtype is not None:
+            vision.to(dtype)
+        return cls(config, vision, llm, tokenizer, encoders.anchor_spec(anchor_path, anchor.config), aug_spec)
+
+    # -- freezing per training stage -------------------------------------------------------
+    def set_trainable(self, train_llm: bool) -> None:
+        """Encoders always frozen; fusion + W_proj + projector(s) train; the LLM only if asked."""
+        self.requires_grad_(False)
+        for name, param in self.vision.named_parameters():
+            if not name.startswith(("anchor.", "augmenter.")):
+                param.requires_grad_(True)
+        self.llm.requires_grad_(train_llm)
+
+    # -- prompts ----------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> Optional[str]:
+        return getattr(self.tokenizer, "chat_template", None) or self.config.chat_template
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {k: getattr(self.tokenizer, k) or "" for k in ("bos_token", "eos_token")}
+
+    def encode_conversation(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = prompt.render_chat(messages, self.chat_template, self.special_tokens, add_generation_prompt)
+        return prompt.tokenize(text, self.tokenizer.backend_tokenizer)
+
+    def preprocess_images(self, images: Sequence) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """PIL images or paths -> (anchor_pixels, augmenter_pixels) with the shared preprocessing."""
+        loaded = [load_image(image) for image in images]
+        anchor = torch.from_numpy(preprocess_batch(loaded, self.anchor_spec))
+        augmenter = torch.from_numpy(preprocess_batch(loaded, self.augmenter_spec)) if self.augmenter_spec else None
+        return anchor, augmenter
+
+    # -- the splice -------------------------------------------------------------------------
+    def build_inputs(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        anchor_pixels: Optional[torch.Tensor] = None,
+        augmenter_pixels: Optional[torch.Tensor] = None,
+        labels: Optional[Sequence[Sequence[int]]] = None,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """Ragged token id lists (with IMAGE_TOKEN_ID) -> padded ``inputs_embeds``, mask, labels."""
+        embed = self.llm.get_input_embeddings()
+        device = embed.weight.device
+        num_images = sum(list(ids).count(prompt.IMAGE_TOKEN_ID) for ids in input_ids)
+        given = 0 if anchor_pixels is None else anchor_pixels.shape[0]
+        if num_images != given:
+            raise ValueError(f"the prompts hold {num_images} <image> placeholders but {given} images were given")
+        image_embeds = None
+        if num_images:
+            image_embeds = self.vision(anchor_pixels.to(device), None if augmenter_pixels is None else augmenter_pixels.to(device))
+            image_embeds = image_embeds.to(embed.weight.dtype)
+
+        sequences, sequence_labels, next_image = [], [], 0
+        for row, ids in enumerate(input_ids):
+            ids = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+            row_labels = None if labels is None else torch.as_tensor(list(labels[row]), dtype=torch.long, device=device)
+            is_image = ids == prompt.IMAGE_TOKEN_ID
+            # Embed text tokens (sentinels swapped for a valid id first), then splice images in.
+            text_embeds = embed(torch.where(is_image, torch.zeros_like(ids), ids))
+            pieces, label_pieces, start = [], [], 0
+            for position in is_image.nonzero().flatten().tolist():
+                pieces += [text_embeds[start:position], image_embeds[next_image]]
+                if row_labels is not None:
+                    ignore = torch.full((image_embeds.shape[1],), IGNORE_INDEX, dtype=torch.long, device=device)
+                    label_pieces += [row_labels[start:position], ignore]
+                next_image += 1
+                start = position + 1
+            pieces.append(text_embeds[start:])
+            sequences.append(torch.cat(pieces)[: self.config.max_length])
+            if row_labels is not None:
+                label_pieces.append(row_labels[start:])
+                sequence_labels.append(torch.cat(label_pieces)[: self.config.max_length])
+        return _pad(sequences, sequence_labels if labels is not None else None, padding_side)
+
+    def forward(self, input_ids, anchor_pixels=None, augmenter_pixels=None, labels=None):
+        inputs = self.build_inputs(input_ids, anchor_pixels, augmenter_pixels, labels)
+        return self.llm(**inputs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, anchor_pixels=None, augmenter_pixels=None, **generate_kwargs) -> torch.Tensor:
+        """New tokens only (HF ``generate`` with ``inputs_embeds`` returns just the continuation)."""
+        inputs = self.build_inputs(input_ids, anchor_pixels, augmenter_pixels, padding_side="left")
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        return self.llm.generate(**inputs, **generate_kwargs)
+
+    def answer(self, image, question: str, max_new_tokens: int = 32, **generate_kwargs) -> str:
+        """One image, one question, greedy by default: the reference the runtime is checked against."""
+        anchor, augmenter = self.preprocess_images([image])
+        ids = self.encode_conversation([prompt.user_turn_with_image(question)])
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.generate([ids], anchor, augmenter, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def _pad(sequences: list[torch.Tensor], labels: Optional[list[torch.Tensor]], side: str) -> dict[str, torch.Tensor]:
+    longest = max(len(s) for s in sequences)
+    width = sequences[0].shape[-1]
+    batch = len(sequences)
+    ref = sequences[0]
+    embeds = ref.new_zeros((batch, longest, width))
+    mask = torch.zeros((batch, longest), dtype=torch.long, device=ref.device)
+    padded_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long, device=ref.device) if labels else None
+    for i, seq in enumerate(sequences):
+        span = slice(longest - len(seq), longest) if side == "left" else slice(0, len(seq))
+        embeds[i, span] = seq
+        mask[i, span] = 1
+        if padded_labels is not None:
+            padded_labels[i, span] = labels[i]
+    out = {"inputs_embeds": embeds, "attention_mask": mask}
+    if padded_labels is not None:
+        out["labels"] = padded_labels
+    return out

@@ -1,0 +1,110 @@
+"""The prompt format, defined once and torch-free (training, export and the runtime share it).
+
+* Conversations are lists of ``{"role": "system"|"user"|"assistant", "content": str}``; the text
+  ``<image>`` in a user turn marks where the image's embeddings go.
+* They are rendered with the LLM tokenizer's own Jinja chat template, exactly as transformers'
+  ``apply_chat_template`` renders it (same sandboxed Jinja environment and globals). A tokenizer
+  without a template gets ``FALLBACK_CHAT_TEMPLATE``: LLaVA-v1's plain "USER: ... ASSISTANT:" form.
+* Tokenisation goes through the ``tokenizers`` library (the ``tokenizer.json`` every fast HF
+  tokenizer is built on). Text is split at ``<image>`` and each placeholder becomes the sentinel
+  id ``IMAGE_TOKEN_ID`` (-200, LLaVA's convention), which the model replaces by image embeddings,
+  so the LLM's vocabulary is never extended.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Iterable, Optional, Sequence
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN_ID = -200
+
+# Used only when the tokenizer ships no chat template (e.g. a base Llama). Assistant turns end
+# with the EOS token so that a model trained on it learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class PromptError(ValueError):
+    """A conversation that cannot be rendered (bad roles, empty turns, template errors)."""
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    # Mirrors transformers' chat-template environment: sandboxed, trim/lstrip blocks, loop
+    # controls, a tojson filter and the raise_exception / strftime_now globals.
+    import json
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise PromptError(f"chat template refused the conversation: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def validate_messages(messages: Sequence[dict]) -> None:
+    if not messages:
+        raise PromptError("empty conversation")
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise PromptError(f"message {i}: role must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise PromptError(f"message {i} ({role}): content must be a non-empty string")
+
+
+def render_chat(
+    messages: Sequence[dict],
+    chat_template: Optional[str],
+    special_tokens: Optional[dict[str, str]] = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The conversation as the LLM sees it, ``<image>`` placeholders still in the text."""
+    validate_messages(messages)
+    tokens = {"bos_token": "", "eos_token": "", **(special_tokens or {})}
+    return _compile(chat_template or FALLBACK_CHAT_TEMPLATE).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **tokens
+    )
+
+
+def tokenize(text: str, tokenizer, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text`` with each ``<image>`` replaced by ``IMAGE_TOKEN_ID``.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer``. Special tokens are not added by default because
+    chat templates write BOS etc. themselves (as ``apply_chat_template`` assumes).
+    """
+    ids: list[int] = []
+    for index, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index:
+            ids.append(IMAGE_TOKEN_ID)
+        if chunk:
+            ids.extend(tokenizer.encode(chunk, add_special_tokens=add_special_tokens).ids)
+    return ids
+
+
+def count_images(messages: Iterable[dict]) -> int:
+    return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+
+
+def user_turn_with_image(question: str) -> dict:
+    """A first user turn in LLaVA's layout: the image, a newline, then the question."""
+    text = question if IMAGE_PLACEHOLDER in question else f"{IMAGE_PLACEHOLDER}\n{question}"
+    return {"role": "user", "content": text}

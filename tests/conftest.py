@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random components written with save_pretrained, built once per session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory):
+    """anchor (a full CLIPModel checkpoint), augmenter (Dinov2Model) and a Qwen2 LLM + tokenizer."""
+    from transformers.utils import logging
+
+    from ftz_edge import tiny
+
+    logging.disable_progress_bar()
+    return tiny.build_tiny_components(tmp_path_factory.mktemp("tiny"), llm_arch="qwen2", full_clip_model=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A Llama causal LM whose tokenizer has no chat template (the fallback path)."""
+    from ftz_edge import tiny
+
+    return str(tiny.save_llm(tmp_path_factory.mktemp("llama") / "llm", arch="llama"))
+
+
+def make_config(components, kind="ftz", **tower):
+    from ftz_edge.config import FtZConfig, TowerConfig
+
+    tower.setdefault("num_fusion_points", 2)
+    augmenter = None if kind == "clip" else components["augmenter"]
+    return FtZConfig(
+        tower=TowerConfig(kind=kind, anchor=components["anchor"], augmenter=augmenter, **tower),
+        llm=components["llm"],
+    )
