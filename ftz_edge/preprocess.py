@@ -185,6 +185,24 @@ class ImageProcessorSpec:
                    image_mean=tuple(mean), image_std=tuple(std),
                    resize_height=height, resize_width=width)
 
+    def to_processor_config(self) -> Dict[str, Any]:
+        """A ``preprocessor_config.json`` (CLIPImageProcessor form) that reads back to this spec,
+        so saved encoder folders carry their preprocessing for transformers and for us."""
+        if self.resize_height is not None:
+            size: Dict[str, int] = {"height": self.resize_height, "width": self.resize_width}
+        else:
+            size = {"shortest_edge": self.resize_shortest_edge}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True, "size": size,
+            "resample": next(k for k, v in _RESAMPLE_FROM_INT.items() if v == self.resample),
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_height, "width": self.crop_width},
+            "do_rescale": True, "rescale_factor": self.rescale_factor,
+            "do_normalize": True, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+            "do_convert_rgb": True,
+        }
+
     @classmethod
     def from_pretrained_folder(cls, path: Union[str, "os.PathLike[str]"]) -> "ImageProcessorSpec":
         file = os.path.join(os.fspath(path), "preprocessor_config.json")
@@ -231,8 +249,10 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
         pass  # already an 8-bit range (e.g. an I image made from 8-bit data)
     elif img.mode == "I" and lo >= 0.0 and hi <= 65535.0:
         a = a / 257.0  # 16-bit data in a 32-bit container (how some decoders give 16-bit PNG/TIFF)
-    else:
+    elif hi > lo:
         a = (a - lo) * (255.0 / (hi - lo))  # unknown range: stretch min..max
+    else:
+        a = np.full_like(a, 255.0 if hi > 0 else 0.0)  # constant and out of range
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
 
 

@@ -113,7 +113,7 @@ def test_parity_other_configs(hf, tmp_path, kwargs):
         assert np.abs(ours - ref).max() <= 1e-5
 
 
-def test_padding_values_are_normalized_zero(hf):
+def test_padding_values_are_normalized_zero():
     spec = ImageProcessorSpec.from_processor_config(
         {"size": {"height": 200, "width": 200}, "crop_size": 224})
     out = preprocess(_random_image(50, 50), spec)
@@ -333,3 +333,10 @@ def test_module_is_torch_free():
             "bad = {'torch', 'transformers', 'torchvision'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_spec_writes_a_processor_config_that_reads_back(tmp_path):
+    from ftz_edge.preprocess import clip_spec, dinov2_spec
+
+    for spec in (clip_spec(336), dinov2_spec(224, 256)):
+        assert ImageProcessorSpec.from_processor_config(spec.to_processor_config()) == spec

@@ -144,3 +144,28 @@ def test_authors_preset_reproduces_their_tower():
     assert vision.anchor_depth == 24  # last-layer features
     assert tower_cost(vision).saving == 0
     assert all(m.num_heads == 8 for m in vision.fusion.values())
+
+
+def test_anchor_from_full_clip_checkpoint_is_its_vision_tower(tiny_components, models):
+    from transformers import CLIPModel
+
+    full = CLIPModel.from_pretrained(tiny_components["anchor"])
+    anchor, _ = pixels()
+    with torch.no_grad():
+        expected = full.vision_model(anchor, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(models["clip"].vision.anchor_features(anchor), expected, rtol=0, atol=0)
+
+
+def test_unknown_component_is_a_clear_error(tiny_components):
+    from ftz_edge.encoders import ComponentLoadError
+
+    config = make_config(tiny_components)
+    config.tower.augmenter = "no-such-org/no-such-dinov2"
+    with pytest.raises(ComponentLoadError, match="cannot load Dinov2Model from 'no-such-org/no-such-dinov2'"):
+        FtZForCausalLM.from_config(config)
+
+
+def test_authors_init_is_not_zero(tiny_components):
+    config = make_config(tiny_components, fusion_init="default")
+    vision = FtZForCausalLM.from_config(config).vision
+    assert all(m.out_proj.weight.abs().sum() > 0 for m in vision.fusion.values())
