@@ -39,11 +39,20 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders: bool = False,
-                    include_llm: Optional[bool] = None) -> Path:
+                    include_llm: Optional[bool] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write ``model`` to ``folder`` atomically (replacing an existing checkpoint there).
 
     ``include_llm`` defaults to ``model.config.llm_trained``: a frozen LLM is referenced by id.
+    ``state_dict`` (the whole model's, e.g. gathered by accelerate under DeepSpeed ZeRO-3, where
+    the module's own parameters are shards) replaces the module's weights when given.
     """
+    if state_dict is None:
+        llm_weights = None
+        trainable = model.vision.trainable_state_dict()
+    else:
+        llm_weights = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
+        trainable = {k[len("vision."):]: v for k, v in state_dict.items()
+                     if k.startswith("vision.") and not k.startswith(("vision.anchor.", "vision.augmenter."))}
     folder = Path(folder)
     include_llm = model.config.llm_trained if include_llm is None else include_llm
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +60,7 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
     try:
         config = copy.deepcopy(model.config)
         if include_llm:
-            model.llm.save_pretrained(tmp / "llm")
+            model.llm.save_pretrained(tmp / "llm", state_dict=llm_weights)
             model.tokenizer.save_pretrained(tmp / "llm")
             config.llm = "llm"
         if include_encoders:
@@ -62,7 +71,7 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
                 model.vision.augmenter.save_pretrained(tmp / "augmenter")
                 _save_processor_spec(model.augmenter_spec, tmp / "augmenter")
                 config.tower.augmenter = "augmenter"
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.vision.trainable_state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
         save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt", "ftz_edge": __version__})
         config.save(tmp)
         _replace_dir(tmp, folder)

@@ -100,6 +100,42 @@ def tokenize(text: str, tokenizer, add_special_tokens: bool = False) -> list[int
     return ids
 
 
+def encode_supervised(
+    messages: Sequence[dict],
+    tokenizer,
+    chat_template: Optional[str],
+    special_tokens: Optional[dict[str, str]] = None,
+    ignore_index: int = -100,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for training: labels are ``ignore_index`` everywhere but on the
+    assistant turns (their text and the template's end-of-turn tokens).
+
+    Each assistant turn's span is what rendering the conversation up to and including it adds to
+    rendering it up to that turn's generation prompt, so the prompt part is tokenised exactly as
+    it will be at inference time (which always stops at a generation prompt).
+    """
+    validate_messages(messages)
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render_chat(messages[:index], chat_template, special_tokens, add_generation_prompt=True)
+        full = render_chat(messages[: index + 1], chat_template, special_tokens, add_generation_prompt=False)
+        if not prefix.startswith(rendered) or not full.startswith(prefix):
+            raise PromptError("the chat template does not render conversations incrementally; "
+                              "cannot tell assistant tokens from prompt tokens")
+        prompt_ids = tokenize(prefix[len(rendered):], tokenizer)
+        answer_ids = tokenize(full[len(prefix):], tokenizer)
+        ids += prompt_ids + answer_ids
+        labels += [ignore_index] * len(prompt_ids) + answer_ids
+        rendered = full
+    if not rendered:
+        raise PromptError("the conversation has no assistant turn to learn from")
+    return ids, labels
+
+
 def count_images(messages: Iterable[dict]) -> int:
     return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
 

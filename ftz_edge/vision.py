@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ftz_edge import encoders
 from ftz_edge.config import TowerConfig
@@ -73,6 +74,9 @@ class FtZVision(nn.Module):
             )
             self.augmenter_projector = mlp_projector(aug_cfg.hidden_size, llm_width, projector_depth)
         self.projector = mlp_projector(anchor_cfg.hidden_size, llm_width, projector_depth)
+        # Recompute anchor layers in the backward pass instead of keeping their activations
+        # (set by training; the anchor is frozen but gradients flow through it to earlier MHCAs).
+        self.gradient_checkpointing = False
 
     def _fusion_layers(self, config: TowerConfig, preset: str, augmenter_total: int) -> list[list[int]]:
         if config.fusion_layers is not None:
@@ -136,7 +140,10 @@ class FtZVision(nn.Module):
         fusion_at = {a: g for a, g in self.fusion_layers}
         hidden = encoders.anchor_embed(self.anchor, anchor_pixels)
         for index, layer in enumerate(encoders.anchor_layers(self.anchor)[: self.anchor_depth], start=1):
-            hidden = encoders.run_layer(layer, hidden)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(encoders.run_layer, layer, hidden, use_reentrant=False)
+            else:
+                hidden = encoders.run_layer(layer, hidden)
             if index in fusion_at:
                 hidden = self.fusion[str(index)](hidden, augmenter_states[fusion_at[index]])
         return hidden

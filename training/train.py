@@ -1,0 +1,291 @@
+"""The FtZ training loop: LLaVA's two stages on accelerate (DeepSpeed ZeRO-2/3 via its config).
+
+One process: ``ftz-train ...``. Several GPUs or nodes: ``accelerate launch --config_file
+training/accelerate/zero2.yaml -m ftz_edge.training.train ...`` - the loop is the same, accelerate
+and DeepSpeed do the distribution.
+
+Output folder::
+
+    metrics.jsonl                one line per logged step (loss, lr, grad norm, throughput)
+    checkpoint-0000500/          resumable: accelerate state (model, optimizer, scheduler, RNG),
+        state/  model/  trainer_state.json   the FtZ checkpoint, and the data position
+    final/                       the FtZ checkpoint of the finished stage (+ train_config.json)
+
+Checkpoints are written to a temporary folder and renamed, and only the last ``keep_last`` are
+kept, so an interrupted write never replaces a good checkpoint with a broken one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ftz_edge.checkpoint import load_checkpoint, save_checkpoint
+from ftz_edge.config import FtZConfig
+from ftz_edge.mllm import FtZForCausalLM
+from ftz_edge.training.data import Collator, DataError, LlavaDataset
+from ftz_edge.training.recipe import (
+    STAGES,
+    TrainConfig,
+    available_recipes,
+    load_recipe,
+    recipe_model_config,
+    recipe_stage_config,
+)
+
+logger = logging.getLogger("ftz_edge.training")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # per-process batches of this epoch already consumed
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random order fixed by (seed, epoch): a resumed run sees exactly the same batches."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _optimizer(model: FtZForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # Biases and norm weights are not decayed (the usual transformer recipe).
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = sorted(p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def build_model(cfg: TrainConfig, model_config: Optional[FtZConfig]) -> FtZForCausalLM:
+    if cfg.init_from:
+        model = load_checkpoint(cfg.init_from)
+    elif model_config is not None:
+        model = FtZForCausalLM.from_config(model_config)
+    else:
+        raise ValueError("give a model config (recipe) or init_from (an FtZ checkpoint)")
+    train_llm = cfg.stage == "finetune"
+    model.set_trainable(train_llm)
+    model.config.llm_trained = model.config.llm_trained or train_llm
+    model.config.max_length = cfg.max_length
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.vision.gradient_checkpointing = True
+    return model
+
+
+def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bool = False,
+          progress: bool = True, interrupt_after: Optional[int] = None) -> Path:
+    """Run one stage; returns the final FtZ checkpoint folder.
+
+    ``interrupt_after`` stops as if the process were killed after that many optimizer steps
+    (tests use it to check that resuming ends where an uninterrupted run ends).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    output_dir = Path(cfg.output_dir)
+    mixed_precision = cfg.mixed_precision if torch.cuda.is_available() else "no"
+    # Accumulation reaches the requested global batch whatever the number of processes; DeepSpeed
+    # reads it (and the micro batch) from the Accelerator, so its config says "auto" for both.
+    accum = cfg.gradient_accumulation(PartialState().num_processes)
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accum)
+    set_seed(cfg.seed)
+
+    model = build_model(cfg, model_config)
+    dataset = LlavaDataset(cfg.data_path, cfg.image_folder, model, cfg.max_length, cfg.strict)
+    if accelerator.is_main_process:
+        logger.info("%s", dataset.report.summary())
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.per_device_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=Collator(model.anchor_spec, model.augmenter_spec),
+    )
+    batches_per_epoch = math.ceil(len(dataset) / (cfg.per_device_batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.num_epochs)
+    optimizer = _optimizer(model, cfg)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, round(cfg.warmup_ratio * total_steps) * accelerator.num_processes, total_steps * accelerator.num_processes
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    state = TrainerState()
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT_PREFIX}* folder in {output_dir}")
+        accelerator.load_state(str(checkpoint / "state"))
+        state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+        if accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", checkpoint, state.step)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / "metrics.jsonl"
+    bar = tqdm(total=total_steps, initial=state.step, desc=cfg.stage, disable=not (progress and accelerator.is_main_process))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    window = {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
+
+    while state.step < total_steps:
+        if state.batch_in_epoch >= batches_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        sampler.set_epoch(state.epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            window["loss"] += loss.detach().float().item()
+            window["batches"] += 1
+            window["samples"] += len(batch["input_ids"])
+            window["tokens"] += sum(len(ids) for ids in batch["input_ids"])
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                _log(accelerator, metrics_path, bar, state, window, scheduler, grad_norm)
+            if state.step % cfg.save_every == 0 or state.step == total_steps:
+                save_training_checkpoint(accelerator, model, cfg, state)
+            if interrupt_after is not None and state.step >= interrupt_after:
+                bar.close()
+                raise KeyboardInterrupt(f"interrupted after step {state.step} (test hook)")
+            if state.step >= total_steps:
+                break
+    bar.close()
+    return save_final(accelerator, model, cfg)
+
+
+def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, scheduler, grad_norm) -> None:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": window["loss"] / max(window["batches"], 1),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "samples_per_s": window["samples"] * accelerator.num_processes / elapsed,
+        "text_tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+    }
+    window.update(loss=0.0, batches=0, samples=0, tokens=0, start=time.perf_counter())
+    if accelerator.is_main_process:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _save_model(accelerator, model, folder: Path, include_encoders: bool = False) -> None:
+    """The FtZ checkpoint of the wrapped model (gathers ZeRO-3 shards on every process)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model), folder, include_encoders=include_encoders, state_dict=state_dict)
+
+
+def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: TrainerState) -> Path:
+    output_dir = Path(cfg.output_dir)
+    name = f"{CHECKPOINT_PREFIX}{state.step:07d}"
+    tmp, final = output_dir / f".{name}.tmp", output_dir / name
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    _save_model(accelerator, model, tmp / "model")
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"))[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final(accelerator, model, cfg: TrainConfig) -> Path:
+    final = Path(cfg.output_dir) / "final"
+    _save_model(accelerator, model, final, include_encoders=cfg.save_encoders)
+    if accelerator.is_main_process:
+        (final / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ftz-train", description="Train FtZ checkpoints (LLaVA's two stages).")
+    parser.add_argument("--recipe", help=f"a shipped recipe ({', '.join(available_recipes())}) or a YAML file")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="default: pretrain, then finetune")
+    parser.add_argument("--data-root", default=".", help="folder the recipe's data paths are relative to")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--init-from", help="FtZ checkpoint to start from (finetune: the pretrain result)")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--per-device-batch-size", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    parser.add_argument("--strict", action="store_true", default=None, help="fail on the first bad record instead of skipping")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    if not args.recipe:
+        parser.error("--recipe is required")
+    try:
+        recipe = load_recipe(args.recipe)
+        model_config = recipe_model_config(recipe)
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        init_from = args.init_from
+        for stage in stages:
+            cfg = recipe_stage_config(
+                recipe, stage, args.data_root, args.output_dir, init_from=init_from, max_steps=args.max_steps,
+                per_device_batch_size=args.per_device_batch_size, strict=args.strict,
+            )
+            final = train(cfg, model_config, resume=args.resume, progress=not args.no_progress)
+            print(f"{stage}: wrote {final}")
+            init_from = str(final)  # finetune starts from the pretrain result
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"ftz-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
