@@ -162,8 +162,10 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
     while state.step < total_steps:
         if state.batch_in_epoch >= batches_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        sampler.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        # Through the (possibly new, skipping) loader: accelerate passes its own epoch counter
+        # down to the sampler at every pass, so it must hold the epoch we resume in.
+        epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss

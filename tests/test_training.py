@@ -1,0 +1,198 @@
+"""Training: freezing per stage, overfitting, resume, atomic checkpoints, labels, bad records, recipes."""
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import make_config
+from ftz_edge import prompt
+from ftz_edge.checkpoint import load_checkpoint
+from ftz_edge.mllm import IGNORE_INDEX, FtZForCausalLM
+from ftz_edge.training import train as train_module
+from ftz_edge.training.data import DataError, LlavaDataset
+from ftz_edge.training.recipe import (
+    TrainConfig, available_recipes, load_recipe, recipe_model_config, recipe_stage_config,
+)
+from ftz_edge.training.train import latest_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "images").mkdir()
+    colors = ["red", "green", "blue", "yellow"]
+    records = []
+    for i, color in enumerate(colors * 2):
+        Image.new("RGB", (40 + i, 48), color).save(folder / "images" / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": color}]})
+    (folder / "train.json").write_text(json.dumps(records))
+    return folder
+
+
+def stage_config(dataset_dir, tmp_path, stage="pretrain", **kw):
+    settings = dict(stage=stage, data_path=str(dataset_dir / "train.json"), output_dir=str(tmp_path / stage),
+                    global_batch_size=4, per_device_batch_size=2, learning_rate=3e-3, max_steps=4, save_every=100,
+                    log_every=1, num_workers=0, gradient_checkpointing=False, max_length=256, warmup_ratio=0.0)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def weights(folder):
+    return load_file(folder / "ftz_weights.safetensors")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_stage_freezing(tiny_components, dataset_dir, tmp_path, stage):
+    config = make_config(tiny_components, fusion_init="default")
+    before = FtZForCausalLM.from_config(config)
+    final = train(stage_config(dataset_dir, tmp_path, stage, max_steps=2), config, progress=False)
+    after = load_checkpoint(final)
+    b, a = before.state_dict(), after.state_dict()
+    for name in b:
+        frozen = name.startswith(("vision.anchor.", "vision.augmenter.")) or (stage == "pretrain" and name.startswith("llm."))
+        if frozen:
+            assert torch.equal(a[name], b[name]), f"frozen {name} changed"
+        elif not name.endswith("rotary_emb.inv_freq"):
+            assert not torch.equal(a[name], b[name]), f"trainable {name} did not change"
+    assert after.config.llm_trained == (stage == "finetune")
+    assert (final / "llm").is_dir() == (stage == "finetune")
+
+
+def test_tiny_model_overfits_a_handful_of_records(tiny_components, dataset_dir, tmp_path):
+    cfg = stage_config(dataset_dir, tmp_path, "finetune", max_steps=40, learning_rate=5e-3)
+    train(cfg, make_config(tiny_components), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_components, dataset_dir, tmp_path):
+    config = make_config(tiny_components, fusion_init="default")
+    full = train(stage_config(dataset_dir, tmp_path / "a", "finetune", max_steps=6, save_every=3), config, progress=False)
+    cfg = stage_config(dataset_dir, tmp_path / "b", "finetune", max_steps=6, save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, config, progress=False, interrupt_after=4)  # killed one step after checkpoint 3
+    assert latest_checkpoint(tmp_path / "b" / "finetune").name == "checkpoint-0000003"
+    resumed = train(cfg, config, resume=True, progress=False)
+    a, b = weights(full), weights(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    a_llm = load_file(full / "llm" / "model.safetensors")
+    b_llm = load_file(resumed / "llm" / "model.safetensors")
+    for name in a_llm:
+        torch.testing.assert_close(b_llm[name], a_llm[name], rtol=0, atol=1e-6)
+    # the logged losses of steps 4..6 are the same too
+    log = lambda run: [json.loads(x) for x in (tmp_path / run / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log("a")][-2:] == pytest.approx([r["loss"] for r in log("b")][-2:], abs=1e-5)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_components, dataset_dir, tmp_path):
+    cfg = stage_config(dataset_dir, tmp_path, "pretrain", max_steps=4, save_every=2)
+    real_save = train_module.save_checkpoint
+    calls = {"n": 0}
+
+    def dies_on_second_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(*args, **kwargs)
+
+    with mock.patch.object(train_module, "save_checkpoint", dies_on_second_save), pytest.raises(KeyboardInterrupt):
+        train(cfg, make_config(tiny_components), progress=False)
+    out = tmp_path / "pretrain"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-0000002"]
+    model = load_checkpoint(out / "checkpoint-0000002" / "model")
+    assert isinstance(model, FtZForCausalLM)
+    # and training resumes from it
+    final = train(cfg, make_config(tiny_components), resume=True, progress=False)
+    assert (final / "ftz_weights.safetensors").is_file()
+
+
+def test_labels_cover_only_assistant_tokens(tiny_components):
+    model = FtZForCausalLM.from_config(make_config(tiny_components))
+    messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"}, {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "And the square?"}, {"role": "assistant", "content": "blue"}]
+    ids, labels = prompt.encode_supervised(messages, model.tokenizer.backend_tokenizer, model.chat_template,
+                                           model.special_tokens)
+    assert len(ids) == len(labels)
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert [label for label in labels if label != IGNORE_INDEX] == supervised
+    assert model.tokenizer.decode(supervised) == "red<|im_end|>\nblue<|im_end|>\n"
+    # the prompt part equals what inference tokenises for the same conversation prefix
+    inference_ids = model.encode_conversation(messages[:3])
+    assert ids[: len(inference_ids)] == inference_ids
+    assert ids.count(prompt.IMAGE_TOKEN_ID) == 1 and labels[ids.index(prompt.IMAGE_TOKEN_ID)] == IGNORE_INDEX
+
+
+def test_bad_records_are_skipped_and_counted(tiny_components, tmp_path):
+    model = FtZForCausalLM.from_config(make_config(tiny_components))
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "good", "image": "ok.png", "conversations": good},
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "missing", "image": "nope.png", "conversations": good},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": good},
+        {"id": "no-placeholder", "image": "ok.png", "conversations": [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "empty-turn", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": " "}]},
+        {"id": "no-answer", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"}]},
+        {"id": "long", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "red " * 300}, {"from": "gpt", "value": "red"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    data = LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200)
+    report = data.report
+    assert [item["id"] for item in data.items] == ["good", "text-only", "long"]
+    assert (report.total, report.kept, report.truncated) == (8, 3, 1)
+    assert dict(report.skipped) == {"image not found": 1, "image unreadable": 1, "image given but no <image> placeholder": 1,
+                                    "empty turn": 1, "no gpt turn": 1}
+    assert report.examples[0].startswith("missing: image not found") and "nope.png" in report.examples[0]
+    with pytest.raises(DataError, match="record missing: image not found"):
+        LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200, strict=True)
+
+
+def test_unusable_data_files(tiny_components, tmp_path):
+    model = FtZForCausalLM.from_config(make_config(tiny_components))
+    with pytest.raises(DataError, match="not found"):
+        LlavaDataset(tmp_path / "none.json", None, model, 128)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        LlavaDataset(tmp_path / "bad.json", None, model, 128)
+
+
+def test_global_batch_must_divide():
+    with pytest.raises(ValueError, match="not a multiple"):
+        TrainConfig(global_batch_size=256, per_device_batch_size=48).gradient_accumulation(1)
+    assert TrainConfig(global_batch_size=256, per_device_batch_size=32).gradient_accumulation(2) == 4
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_recipes_parse_and_build_the_intended_models(name):
+    from ftz_edge.sizes import build_reference_vision
+
+    recipe = load_recipe(name)
+    model = recipe_model_config(recipe)
+    kind = name.split("-")[0]
+    assert model.tower.kind == ("ftz" if kind == "authors" else kind)
+    assert model.preset == ("authors" if kind == "authors" else "paper")
+    assert model.tower.anchor == "openai/clip-vit-large-patch14-336"
+    assert model.llm in ("Qwen/Qwen2.5-0.5B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    pretrain = recipe_stage_config(recipe, "pretrain", "/data")
+    finetune = recipe_stage_config(recipe, "finetune", "/data")
+    assert (pretrain.global_batch_size, pretrain.learning_rate) == (256, 1e-3)
+    assert (finetune.global_batch_size, finetune.learning_rate) == (128, 2e-5)
+    assert pretrain.data_path == "/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+    vision = build_reference_vision(model.tower, "dinov2-large", preset=model.preset)  # meta device
+    expected = {"ftz": [[6, 6], [12, 12], [17, 17], [23, 23]], "authors": [[3, 6], [6, 12], [9, 18], [12, 24]]}
+    assert vision.fusion_layers == expected.get(kind, [])
+    assert vision.num_image_tokens == (1152 if kind == "mof" else 576)
+
+
+def test_cli_reports_bad_recipe(capsys, tmp_path):
+    assert train_module.main(["--recipe", "no-such-recipe", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown recipe 'no-such-recipe'" in capsys.readouterr().err
