@@ -1,6 +1,8 @@
-"""``ftz-info``: build FtZ models and print what they are made of.
+"""``ftz-info``: the shipped default model answering questions, and what FtZ models are made of.
 
-Builds a tiny FtZ model from random components (written with ``save_pretrained`` and loaded
+Loads the shipped default (``ftz_edge/default_model``, trained by
+``python -m ftz_edge.training.default_model``), prints its tower's shapes and parameter counts
+and its answers to the shipped example images. Then builds a tiny FtZ model from random components (written with ``save_pretrained`` and loaded
 back through ``from_pretrained``, as real checkpoints are), runs every tower kind on one
 preprocessed image and prints output shapes and parameter counts; then the real-size towers
 (CLIP ViT-L/14-336 with DINOv2-S/B/L, on the meta device) with their layer pruning.
@@ -48,6 +50,41 @@ def _tiny_report(workdir: str) -> None:
               f"{projector:>9,} {count_parameters(model.llm):>8,}")
 
 
+def default_model_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "default_model"
+
+
+def _default_model_report() -> None:
+    import json
+
+    import torch
+    from transformers.utils import logging
+
+    from ftz_edge.checkpoint import load_checkpoint
+    from ftz_edge.sizes import count_parameters
+
+    logging.disable_progress_bar()
+    folder = default_model_path()
+    model = load_checkpoint(folder).eval()
+    vision = model.vision
+    examples = json.loads((folder / "examples" / "examples.json").read_text())
+    anchor_px, aug_px = model.preprocess_images([folder / "examples" / examples[0]["image"]])
+    with torch.no_grad():
+        embeds = vision(anchor_px, aug_px)
+    print(f"Shipped default model ({folder}): tower {vision.config.kind}, fusion layers {vision.fusion_layers}")
+    print(f"  anchor pixels {tuple(anchor_px.shape)}, augmenter pixels {tuple(aug_px.shape)} -> image embeddings "
+          f"{tuple(embeds.shape)}")
+    print(f"  parameters: anchor {count_parameters(vision.anchor):,}, augmenter {count_parameters(vision.augmenter):,}, "
+          f"fusion {count_parameters(vision.fusion):,}, projector {count_parameters(vision.projector):,}, "
+          f"LLM {count_parameters(model.llm):,}")
+    for example in examples:
+        reply = model.answer(folder / "examples" / example["image"], example["question"], max_new_tokens=4)
+        print(f"  [{example['image']}] {example['question']} -> {reply!r} (expected {example['answer']!r})")
+    print()
+
+
 def _real_size_report() -> None:
     from ftz_edge.config import TowerConfig, preset
     from ftz_edge.sizes import build_reference_vision, count_parameters, tower_cost
@@ -70,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftz-info", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-real-size", action="store_true", help="only the tiny models")
     args = parser.parse_args(argv)
+    _default_model_report()
     with tempfile.TemporaryDirectory(prefix="ftz-info-") as workdir:
         _tiny_report(workdir)
     if not args.skip_real_size:

@@ -1,0 +1,104 @@
+"""Pretrain the tiny default model's two encoders on synthetic scenes (no hub weights exist here).
+
+The roles mirror the real encoders' strengths, so that the FtZ comparison means something:
+
+* the anchor (CLIP-like, coarse 16-px patches) learns *scene-level* semantics from its pooled
+  output: which (shape, colour) pairs are present and how many shapes there are;
+* the augmenter (DINOv2-like, fine 8-px patches) learns *local detail*: for every patch, which
+  colours (and dark text strokes) it contains, plus the identity of the small written character.
+
+Both are then frozen for the FtZ stages, like CLIP and DINOv2 in the paper. A linear head per
+task is trained with the encoder and thrown away afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ftz_edge.preprocess import ImageProcessorSpec, preprocess_batch
+from ftz_edge.training import synthetic
+
+COLORS = list(synthetic.PALETTE)
+PAIRS = [(kind, color) for kind in synthetic.SHAPES for color in COLORS]
+# Per-pixel classes for the dense target: the palette colours, then dark text strokes.
+PIXEL_COLORS = np.array([synthetic.PALETTE[c] for c in COLORS] + [(0, 0, 0)], dtype=np.float32)
+CHARS = [None] + list(synthetic.CHARSET)
+
+
+def scenes(n: int, seed: int, image_size: int = 64) -> list:
+    rng = np.random.default_rng(seed)
+    return [synthetic.generate_example(rng, str(rng.choice(synthetic.QTYPES)), image_size) for _ in range(n)]
+
+
+def scene_targets(batch: list) -> dict[str, torch.Tensor]:
+    present = torch.zeros(len(batch), len(PAIRS))
+    for i, scene in enumerate(batch):
+        for shape in scene.shapes:
+            present[i, PAIRS.index((shape.kind, shape.color))] = 1
+    return {
+        "present": present,
+        "count": torch.tensor([min(len(s.shapes), 4) for s in batch]),
+        "char": torch.tensor([CHARS.index(s.text) for s in batch]),
+    }
+
+
+def patch_colour_targets(batch: list, patch: int) -> torch.Tensor:
+    """(B, patches, classes) presence of each palette colour / text ink inside every patch."""
+    images = np.stack([np.asarray(s.image, dtype=np.float32) for s in batch])  # B,H,W,3
+    distance = np.linalg.norm(images[..., None, :] - PIXEL_COLORS, axis=-1)  # B,H,W,C
+    hit = distance < 40  # exact palette pixels (shapes are drawn without antialiasing) and dark ink
+    b, h, w, c = hit.shape
+    hit = hit.reshape(b, h // patch, patch, w // patch, patch, c).any(axis=(2, 4))
+    return torch.from_numpy(hit.reshape(b, -1, c).astype(np.float32))
+
+
+def pretrain_anchor(anchor: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> list[float]:
+    width = anchor.config.hidden_size
+    heads = nn.ModuleDict({"present": nn.Linear(width, len(PAIRS)), "count": nn.Linear(width, 5)})
+    return _train(anchor, heads, spec, steps, seed, batch_size, _anchor_loss, "anchor")
+
+
+def _anchor_loss(model, heads, pixels, batch):
+    pooled = model(pixel_values=pixels).pooler_output
+    targets = scene_targets(batch)
+    return (F.binary_cross_entropy_with_logits(heads["present"](pooled), targets["present"])
+            + F.cross_entropy(heads["count"](pooled), targets["count"]))
+
+
+def pretrain_augmenter(augmenter: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> list[float]:
+    width = augmenter.config.hidden_size
+    heads = nn.ModuleDict({"patch": nn.Linear(width, len(PIXEL_COLORS)), "char": nn.Linear(width, len(CHARS))})
+    return _train(augmenter, heads, spec, steps, seed, batch_size, _augmenter_loss, "augmenter")
+
+
+def _augmenter_loss(model, heads, pixels, batch):
+    hidden = model(pixel_values=pixels).last_hidden_state
+    patches = patch_colour_targets(batch, model.config.patch_size)
+    char = scene_targets(batch)["char"]
+    return (F.binary_cross_entropy_with_logits(heads["patch"](hidden[:, 1:]), patches)
+            + F.cross_entropy(heads["char"](hidden[:, 0]), char))
+
+
+def _train(model, heads, spec, steps, seed, batch_size, loss_fn, name) -> list[float]:
+    torch.manual_seed(seed)
+    model.requires_grad_(True).train()
+    pool = scenes(4096, seed)  # re-used across steps: enough variety for a 4-layer, 64-wide ViT
+    pixels_all = torch.from_numpy(preprocess_batch([s.image for s in pool], spec))
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc=f"pretrain {name}"):
+        index = torch.randint(len(pool), (batch_size,), generator=generator)
+        loss = loss_fn(model, heads, pixels_all[index], [pool[i] for i in index.tolist()])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+    model.requires_grad_(False).eval()
+    return losses
