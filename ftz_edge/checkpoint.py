@@ -17,9 +17,7 @@ Never pickle: safetensors only.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ftz_edge import __version__
+from ftz_edge.atomic import atomic_folder
 from ftz_edge.config import CONFIG_NAME, FtZConfig
 from ftz_edge.mllm import FtZForCausalLM
 
@@ -55,9 +54,7 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
                      if k.startswith("vision.") and not k.startswith(("vision.anchor.", "vision.augmenter."))}
     folder = Path(folder)
     include_llm = model.config.llm_trained if include_llm is None else include_llm
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         config = copy.deepcopy(model.config)
         if include_llm:
             model.llm.save_pretrained(tmp / "llm", state_dict=llm_weights)
@@ -74,28 +71,11 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
         weights = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
         save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt", "ftz_edge": __version__})
         config.save(tmp)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
 def _save_processor_spec(spec, folder: Path) -> None:
-    import json
-
     (folder / "preprocessor_config.json").write_text(json.dumps(spec.to_processor_config(), indent=2) + "\n")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an old folder at ``dst`` is removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(folder: str | Path, dtype: Optional[torch.dtype] = None) -> FtZForCausalLM:

@@ -44,7 +44,7 @@ from ftz_edge.training.train import train
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
 
 
-def build_components(folder: Path, seed: int, encoder_steps: int) -> dict[str, str]:
+def build_components(folder: Path, seed: int, encoder_steps: int) -> tuple[dict[str, str], dict]:
     corpus = synthetic.all_questions() + synthetic.answer_vocabulary() * 4
     torch.manual_seed(seed)
     anchor = CLIPVisionModel(tiny.clip_vision_config(image_size=64, patch_size=16, width=64, layers=4, heads=4))
@@ -52,16 +52,17 @@ def build_components(folder: Path, seed: int, encoder_steps: int) -> dict[str, s
     # The synthetic scenes fill the whole 64x64 frame: DINOv2's usual resize-then-crop (256 -> 224)
     # would cut shapes at the border, so the augmenter sees the full frame like the anchor does.
     anchor_spec, augmenter_spec = clip_spec(64), dinov2_spec(64, 64)
-    anchor_losses = encoder_pretrain.pretrain_anchor(anchor, anchor_spec, encoder_steps, seed)
-    augmenter_losses = encoder_pretrain.pretrain_augmenter(augmenter, augmenter_spec, encoder_steps, seed + 1)
-    print(f"encoder pretraining loss: anchor {anchor_losses[0]:.3f} -> {anchor_losses[-1]:.3f}, "
-          f"augmenter {augmenter_losses[0]:.3f} -> {augmenter_losses[-1]:.3f}")
+    encoder_report = {
+        "anchor": encoder_pretrain.pretrain_anchor(anchor, anchor_spec, encoder_steps, seed),
+        "augmenter": encoder_pretrain.pretrain_augmenter(augmenter, augmenter_spec, encoder_steps, seed + 1),
+    }
+    print("encoder pretraining:", json.dumps(encoder_report))
     for name, model, spec in (("anchor", anchor, anchor_spec), ("augmenter", augmenter, augmenter_spec)):
         model.save_pretrained(folder / name)
         (folder / name / "preprocessor_config.json").write_text(json.dumps(spec.to_processor_config(), indent=2))
     tiny.save_llm(folder / "llm", "qwen2", width=128, layers=2, heads=4, kv_heads=2, corpus=corpus, vocab_size=400,
                   seed=seed + 2)
-    return {name: str(folder / name) for name in ("anchor", "augmenter", "llm")}
+    return {name: str(folder / name) for name in ("anchor", "augmenter", "llm")}, encoder_report
 
 
 def model_config(paths: dict[str, str], kind: str) -> FtZConfig:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftz-default-") as work:
         work = Path(work)
         synthetic.generate_dataset(work / "data", args.train, args.test, args.seed)
-        paths = build_components(work / "components", args.seed, args.encoder_steps)
+        paths, encoder_report = build_components(work / "components", args.seed, args.encoder_steps)
         test_records = json.loads((work / "data" / "test.json").read_text())
         results, timings = {}, {}
         for kind in ("ftz",) if args.skip_baseline else ("ftz", "clip"):
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         (staged / "examples" / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
         report = {
             "settings": vars(args) | {"out": str(args.out)},
+            "encoder_pretraining": encoder_report,
             "train_seconds": timings,
             "results": results,
             "machine": f"{torch.get_num_threads()} torch threads, CPU",

@@ -56,10 +56,18 @@ def patch_colour_targets(batch: list, patch: int) -> torch.Tensor:
     return torch.from_numpy(hit.reshape(b, -1, c).astype(np.float32))
 
 
-def pretrain_anchor(anchor: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> list[float]:
+def pretrain_anchor(anchor: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> dict:
     width = anchor.config.hidden_size
     heads = nn.ModuleDict({"present": nn.Linear(width, len(PAIRS)), "count": nn.Linear(width, 5)})
-    return _train(anchor, heads, spec, steps, seed, batch_size, _anchor_loss, "anchor")
+    losses = _train(anchor, heads, spec, steps, seed, batch_size, _anchor_loss, "anchor")
+    held_out = scenes(512, seed + 10_000)
+    with torch.no_grad():
+        pooled = anchor(pixel_values=torch.from_numpy(preprocess_batch([s.image for s in held_out], spec))).pooler_output
+        targets = scene_targets(held_out)
+        present = ((heads["present"](pooled) > 0).float() == targets["present"]).all(dim=1).float().mean()
+        count = (heads["count"](pooled).argmax(-1) == targets["count"]).float().mean()
+    return {"loss_first": losses[0], "loss_last": losses[-1], "held_out_all_pairs_right": float(present),
+            "held_out_count_accuracy": float(count)}
 
 
 def _anchor_loss(model, heads, pixels, batch):
@@ -69,10 +77,18 @@ def _anchor_loss(model, heads, pixels, batch):
             + F.cross_entropy(heads["count"](pooled), targets["count"]))
 
 
-def pretrain_augmenter(augmenter: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> list[float]:
+def pretrain_augmenter(augmenter: nn.Module, spec: ImageProcessorSpec, steps: int, seed: int, batch_size: int = 128) -> dict:
     width = augmenter.config.hidden_size
     heads = nn.ModuleDict({"patch": nn.Linear(width, len(PIXEL_COLORS)), "char": nn.Linear(width, len(CHARS))})
-    return _train(augmenter, heads, spec, steps, seed, batch_size, _augmenter_loss, "augmenter")
+    losses = _train(augmenter, heads, spec, steps, seed, batch_size, _augmenter_loss, "augmenter")
+    held_out = scenes(512, seed + 10_000)
+    with torch.no_grad():
+        hidden = augmenter(pixel_values=torch.from_numpy(preprocess_batch([s.image for s in held_out], spec))).last_hidden_state
+        patches = patch_colour_targets(held_out, augmenter.config.patch_size)
+        patch_right = ((heads["patch"](hidden[:, 1:]) > 0).float() == patches).all(dim=-1).float().mean()
+        char = (heads["char"](hidden[:, 0]).argmax(-1) == scene_targets(held_out)["char"]).float().mean()
+    return {"loss_first": losses[0], "loss_last": losses[-1], "held_out_patches_right": float(patch_right),
+            "held_out_char_accuracy": float(char)}
 
 
 def _augmenter_loss(model, heads, pixels, batch):
@@ -99,6 +115,6 @@ def _train(model, heads, spec, steps, seed, batch_size, loss_fn, name) -> list[f
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.requires_grad_(False).eval()
     return losses

@@ -1,0 +1,294 @@
+"""``ftz-export``: an FtZ checkpoint -> one validated bundle for the on-device runtime.
+
+Bundle layout (everything the runtime needs, nothing else)::
+
+    manifest.json              ftz_edge.manifest: files + sha256, models, preprocessing, prompt, provenance
+    vision/vision.onnx         tower + projector(s), fp32 / fp16 / int8 (Q/DQ)
+    vision/vision.engine(.json)  TensorRT engine + build record (--engine trt)
+    llm/model.onnx(.data), genai_config.json, embed_tokens.npy, tokenizer.json
+    reports/validation.json    parity against PyTorch (and validation.md)
+    reports/int8_sensitivity.md  per-block INT8 sensitivity (--precision int8)
+
+The bundle is assembled in a temporary folder and renamed into place only when complete, so a
+failed export never leaves a folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ftz_edge.atomic import atomic_folder
+from ftz_edge.manifest import write_manifest
+from ftz_edge.preprocess import ImageLoadError, load_image, preprocess_batch
+
+logger = logging.getLogger("ftz_edge.export")
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class ExportError(RuntimeError):
+    """Bad input or an impossible request: one clear line, nothing written."""
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str = str(DEFAULT_CHECKPOINT)
+    out: str = "ftz-bundle"
+    engine: str = "auto"  # onnx | trt | auto
+    precision: str = "fp16"  # vision: fp32 | fp16 | int8
+    llm_precision: str = "int4"  # fp32 | fp16 | int8 | int4
+    llm_provider: Optional[str] = None  # cpu | cuda; default: what the precision is built for first
+    calib_images: Optional[str] = None  # default: the shipped default model's example images
+    calib_method: str = "entropy"  # minmax | entropy | percentile
+    max_calib_images: int = 64
+    sensitivity: bool = True
+    batch_min: int = 1
+    batch_opt: int = 1
+    batch_max: int = 8
+    workspace_gb: float = 2.0
+    timing_cache: Optional[str] = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("engine", ("onnx", "trt", "auto")), ("precision", ("fp32", "fp16", "int8")),
+                              ("calib_method", ("minmax", "entropy", "percentile"))):
+            if getattr(self, name) not in allowed:
+                raise ExportError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+def calibration_images(folder: Optional[str], limit: int) -> list[Path]:
+    folder = Path(folder) if folder else DEFAULT_CHECKPOINT / "examples"
+    if not folder.is_dir():
+        raise ExportError(f"calibration folder {folder} does not exist")
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    readable = []
+    for path in candidates:
+        try:
+            load_image(path)
+            readable.append(path)
+        except ImageLoadError as err:
+            logger.warning("skipping calibration image: %s", err)
+        if len(readable) >= limit:
+            break
+    if not readable:
+        raise ExportError(f"calibration folder {folder} has no readable images ({len(candidates)} image files tried)")
+    return readable
+
+
+def _pixels(model, images: list[Path]) -> dict[str, np.ndarray]:
+    from ftz_edge.export.vision import INPUT_ANCHOR, INPUT_AUGMENTER
+
+    loaded = [load_image(p) for p in images]
+    pixels = {INPUT_ANCHOR: preprocess_batch(loaded, model.anchor_spec)}
+    if model.augmenter_spec is not None and model.vision.augmenter is not None:
+        pixels[INPUT_AUGMENTER] = preprocess_batch(loaded, model.augmenter_spec)
+    return pixels
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot write the bundle to {out}: {err}") from None
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write the bundle to {out}: {parent} is not writable")
+
+
+def _eos_token_ids(model) -> list[int]:
+    """The tokenizer's EOS plus the generation config's (chat models often stop on several)."""
+    configured = model.llm.generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted({model.tokenizer.eos_token_id, *configured} - {None})
+
+
+def _io_spec(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    def describe(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _tool_versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("ftz-edge", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "tensorrt"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def export_bundle(options: ExportOptions) -> Path:
+    # Heavy imports here, so `ftz-export --help` is quick.
+    import onnx
+
+    from ftz_edge.checkpoint import CheckpointError, load_checkpoint
+    from ftz_edge.encoders import ComponentLoadError
+    from ftz_edge.export import llm as llm_export
+    from ftz_edge.export import quantize, tensorrt
+    from ftz_edge.export.validate import ValidationReport, validate_llm, validate_vision
+    from ftz_edge.export.vision import export_vision, input_shapes, layers_in_graph
+    from ftz_edge.runtime.decoder import OnnxDecoder
+
+    out = Path(options.out)
+    _check_writable(out)
+    engine, reason = tensorrt.pick_engine(options.engine)  # raises TensorRTUnavailable for trt without TensorRT
+    logger.info("engine: %s (%s)", engine, reason)
+    llm_provider = options.llm_provider or llm_export.default_provider(options.llm_precision)
+    try:
+        llm_export.check_target(options.llm_precision, llm_provider)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    images = calibration_images(options.calib_images, options.max_calib_images)
+    try:
+        model = load_checkpoint(options.checkpoint).eval()
+    except (CheckpointError, ComponentLoadError, FileNotFoundError) as err:
+        raise ExportError(f"cannot load checkpoint {options.checkpoint}: {err}") from None
+    model.float()
+    pixels = _pixels(model, images)
+    report = ValidationReport()
+    started = time.perf_counter()
+
+    with atomic_folder(out) as bundle, tempfile.TemporaryDirectory(prefix="ftz-export-") as work:
+        work = Path(work)
+        (bundle / "vision").mkdir()
+        (bundle / "reports").mkdir()
+        shapes = input_shapes(model.vision, model.anchor_spec, model.augmenter_spec)
+        fp32_path = export_vision(model.vision, shapes, work / "vision.fp32.onnx")
+        present = layers_in_graph(onnx.load(str(fp32_path)))
+        vision_path = bundle / "vision" / "vision.onnx"
+        precision_info: dict = {}
+        if options.precision == "fp32":
+            shutil.copy(fp32_path, vision_path)
+        elif options.precision == "fp16":
+            precision_info = quantize.convert_fp16(fp32_path, vision_path)
+        else:
+            calibration = [{k: v[i:i + 1] for k, v in pixels.items()} for i in range(len(images))]
+            precision_info = quantize.quantize_int8(fp32_path, vision_path, calibration, method=options.calib_method)
+            if options.sensitivity:
+                rows = quantize.sensitivity_report(fp32_path, calibration, calibration)
+                (bundle / "reports" / "int8_sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
+                (bundle / "reports" / "int8_sensitivity.md").write_text(quantize.format_sensitivity(rows) + "\n")
+        validate_vision(vision_path, model.vision, pixels, options.precision, report)
+
+        engine_entry = None
+        if engine == "trt":
+            spec = tensorrt.EngineBuildSpec(
+                onnx_path=vision_path, engine_path=bundle / "vision" / "vision.engine", precision=options.precision,
+                input_shapes=shapes, batch_min=options.batch_min, batch_opt=options.batch_opt, batch_max=options.batch_max,
+                workspace_bytes=int(options.workspace_gb * (1 << 30)),
+                timing_cache_path=Path(options.timing_cache) if options.timing_cache else None,
+            )
+            record = tensorrt.build_engine(spec)
+            engine_entry = {"file": "vision/vision.engine", "record": record.to_dict()}
+            report.warnings.append("the TensorRT engine itself is not validated by ftz-export yet; its ONNX is")
+
+        llm_info = llm_export.export_llm(model, bundle / "llm", options.llm_precision, llm_provider)
+        eos_ids = _eos_token_ids(model)
+        if llm_provider == "cpu":
+            decoder = OnnxDecoder(bundle / "llm")
+            validate_llm(decoder, model, images[0], options.llm_precision, report, eos_ids)
+            del decoder
+        else:
+            report.llm = {"precision": options.llm_precision, "skipped": f"built for {llm_provider}; validated on CPU only"}
+
+        (bundle / "reports" / "validation.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (bundle / "reports" / "validation.md").write_text(report.table() + "\n")
+        print(report.table())
+        for warning in report.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        if options.strict and not report.passed:
+            raise ExportError("validation targets missed (--strict): " + "; ".join(report.warnings))
+
+        tower = model.config.tower
+        write_manifest(bundle, {
+            "vision": {
+                "file": "vision/vision.onnx", "engine": engine, "precision": options.precision,
+                **_io_spec(vision_path), "dynamic_axes": {name: {"0": "batch"} for name in [*shapes, "image_embeds"]},
+                "num_image_tokens": model.vision.num_image_tokens, "tower_kind": tower.kind,
+                "fusion_layers": model.vision.fusion_layers,
+                "layers_in_graph": {k: sorted(v) for k, v in present.items()},
+                "precision_details": precision_info, "tensorrt": engine_entry,
+            },
+            "llm": {**llm_info, "folder": "llm", **_io_spec(bundle / "llm" / "model.onnx")},
+            "preprocess": {"anchor": model.anchor_spec.to_dict(),
+                           "augmenter": model.augmenter_spec.to_dict() if model.augmenter_spec else None},
+            "prompt": {"chat_template": model.chat_template, "fallback_template_used": not getattr(model.tokenizer, "chat_template", None),
+                       **model.special_tokens, "eos_token_ids": eos_ids, "pad_token_id": model.tokenizer.pad_token_id,
+                       "image_placeholder": "<image>", "image_token_id": -200, "tokenizer": "llm/tokenizer.json",
+                       "max_length": model.config.max_length},
+            "provenance": {"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
+                           "tools": _tool_versions(), "options": dataclasses.asdict(options),
+                           "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "validation": {"file": "reports/validation.json", "passed": report.passed},
+        })
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    defaults = ExportOptions()
+    parser = argparse.ArgumentParser(prog="ftz-export", description="FtZ checkpoint -> validated ONNX / TensorRT bundle.")
+    parser.add_argument("--checkpoint", default=defaults.checkpoint, help="FtZ checkpoint folder (default: the shipped default model)")
+    parser.add_argument("--out", default=defaults.out, help="bundle folder to write (replaced atomically)")
+    parser.add_argument("--engine", default=defaults.engine, choices=("onnx", "trt", "auto"),
+                        help="auto: TensorRT when importable and a GPU is present, else ONNX Runtime")
+    parser.add_argument("--precision", default=defaults.precision, choices=("fp32", "fp16", "int8"), help="vision tower precision")
+    parser.add_argument("--llm-precision", default=defaults.llm_precision, choices=sorted(("fp32", "fp16", "int8", "int4")))
+    parser.add_argument("--llm-provider", choices=("cpu", "cuda"), help="execution provider the LLM is built for")
+    parser.add_argument("--calib-images", help="folder of real images for INT8 calibration and validation")
+    parser.add_argument("--calib-method", default=defaults.calib_method, choices=("minmax", "entropy", "percentile"))
+    parser.add_argument("--max-calib-images", type=int, default=defaults.max_calib_images)
+    parser.add_argument("--no-sensitivity", action="store_true", help="skip the per-block INT8 sensitivity report")
+    parser.add_argument("--batch-min", type=int, default=defaults.batch_min)
+    parser.add_argument("--batch-opt", type=int, default=defaults.batch_opt)
+    parser.add_argument("--batch-max", type=int, default=defaults.batch_max)
+    parser.add_argument("--workspace-gb", type=float, default=defaults.workspace_gb)
+    parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds")
+    parser.add_argument("--strict", action="store_true", help="a missed parity target is an error, not a warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxruntime", "torch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        options = ExportOptions(
+            checkpoint=args.checkpoint, out=args.out, engine=args.engine, precision=args.precision,
+            llm_precision=args.llm_precision, llm_provider=args.llm_provider, calib_images=args.calib_images,
+            calib_method=args.calib_method, max_calib_images=args.max_calib_images, sensitivity=not args.no_sensitivity,
+            batch_min=args.batch_min, batch_opt=args.batch_opt, batch_max=args.batch_max, workspace_gb=args.workspace_gb,
+            timing_cache=args.timing_cache, strict=args.strict,
+        )
+        out = export_bundle(options)
+    except Exception as err:  # every failure is one line; --strict or bad input leaves nothing behind
+        from ftz_edge.export.tensorrt import TensorRTUnavailable
+        from ftz_edge.export.llm import LlmExportError
+
+        if isinstance(err, (ExportError, TensorRTUnavailable, LlmExportError, ValueError)):
+            print(f"ftz-export: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    print(f"wrote bundle {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
