@@ -279,10 +279,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         out = export_bundle(options)
     except Exception as err:  # every failure is one line; --strict or bad input leaves nothing behind
-        from ftz_edge.export.tensorrt import TensorRTUnavailable
         from ftz_edge.export.llm import LlmExportError
+        from ftz_edge.export.tensorrt import EngineBuildError, TensorRTUnavailable
 
-        if isinstance(err, (ExportError, TensorRTUnavailable, LlmExportError, ValueError)):
+        if isinstance(err, (ExportError, TensorRTUnavailable, EngineBuildError, LlmExportError, ValueError)):
             print(f"ftz-export: error: {err}", file=sys.stderr)
             return 2
         raise

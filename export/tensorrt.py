@@ -1,0 +1,318 @@
+"""Vision ONNX -> TensorRT engine, for TensorRT 10.x (JetPack 6: 10.3, JetPack 7.2: 10.16) and 11.x.
+
+Precision lives in the ONNX, not in builder flags: TensorRT 11 removed BuilderFlag.FP16/INT8/BF16,
+precision constraints and INT8 calibrators (10.x deprecated them), so the one portable path is a
+STRONGLY TYPED network built from an FP16 ONNX (LayerNorm etc. kept FP32) or a Q/DQ ONNX (explicit
+INT8). INT8 fused attention needs <= 512 tokens; CLIP-L/336 has 577, so its attention stays fp16.
+Engines and timing caches are tied to the GPU model and the TensorRT version: each engine gets a
+``<engine>.json`` record, checked by ``engine_compatible`` before it is loaded.
+
+``tensorrt`` is imported lazily: this module must import on machines without it (CI, a CPU laptop).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+PRECISIONS = ("fp16", "int8", "fp32")
+MIN_TENSORRT_MAJOR = 10  # 8.x (JetPack 5) has no strongly typed networks
+INSTALL_HINT = ("Jetson: sudo apt install python3-libnvinfer and make the venv with --system-site-packages; "
+                "desktop: pip install tensorrt --extra-index-url https://pypi.nvidia.com; or use --engine onnx")
+
+
+class TensorRTUnavailable(RuntimeError):
+    """--engine trt was asked for, but TensorRT or a GPU is missing."""
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT could not parse the ONNX or build an engine from it."""
+
+
+def _import_tensorrt():
+    """(module, None) or (None, why). Broad except: a broken install raises OSError (missing libnvinfer)."""
+    try:
+        import tensorrt
+        return tensorrt, None
+    except Exception as err:  # noqa: BLE001
+        return None, f"{type(err).__name__}: {err}"
+
+
+def tensorrt_available() -> bool:
+    return _import_tensorrt()[0] is not None
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None
+    return cudart
+
+
+def _device_from_cuda_python() -> Optional[dict]:
+    cudart = _cudart()
+    if cudart is None:
+        return None
+    ok = cudart.cudaError_t.cudaSuccess
+    try:  # a missing or too-old driver must mean "no GPU", not a crash of --engine auto
+        err, count = cudart.cudaGetDeviceCount()
+        if err != ok or count < 1:
+            return None
+        err, props = cudart.cudaGetDeviceProperties(0)  # device 0 of CUDA_VISIBLE_DEVICES: the one TensorRT uses
+    except Exception:  # noqa: BLE001
+        return None
+    if err != ok:
+        return None
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}",
+            "total_memory": int(props.totalGlobalMem), "source": "cuda-python"}
+
+
+def _device_from_nvidia_smi() -> Optional[dict]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return None
+    name, cap, memory = ([part.strip() for part in lines[0].split(",")] + ["", ""])[:3]
+    # Jetson's nvidia-smi may print "[N/A]" for fields it cannot read: keep them unknown, not wrong.
+    total = int(memory.split()[0]) << 20 if memory.split() and memory.split()[0].isdigit() else None
+    return {"name": name, "compute_capability": cap if cap[:1].isdigit() else None,
+            "total_memory": total, "source": "nvidia-smi"}
+
+
+def cuda_device() -> Optional[dict]:
+    """{name, compute_capability "8.7", total_memory bytes, source} of GPU 0, or None without a GPU."""
+    return _device_from_cuda_python() or _device_from_nvidia_smi()
+
+
+def pick_engine(requested: str) -> tuple[str, str]:
+    """(engine, reason) for --engine auto|onnx|trt; trt without TensorRT or a GPU raises TensorRTUnavailable."""
+    if requested == "onnx":
+        return "onnx", "requested"
+    if requested not in ("auto", "trt"):
+        raise ValueError(f"--engine must be auto, onnx or trt, not {requested!r}")
+    trt, why = _import_tensorrt()
+    if trt is None:
+        missing = f"the TensorRT Python bindings are not importable ({why})"
+    elif (device := cuda_device()) is None:
+        missing = "no NVIDIA GPU found (cuda-python saw none and nvidia-smi found none or is not on PATH)"
+    else:
+        return "trt", f"TensorRT {trt.__version__} on {device['name']} (sm {device['compute_capability']})"
+    if requested == "auto":
+        return "onnx", missing
+    raise TensorRTUnavailable(f"--engine trt needs TensorRT and a GPU, but {missing}. {INSTALL_HINT}")
+
+
+@dataclass
+class EngineBuildSpec:
+    onnx_path: Path
+    engine_path: Path
+    precision: str  # the tag of the ONNX's own precision; nothing here converts it
+    input_shapes: dict[str, tuple[int, int, int]]  # per input (C, H, W); batch is the only dynamic axis
+    batch_min: int = 1
+    batch_opt: int = 1
+    batch_max: int = 8
+    workspace_bytes: int = 2 << 30
+    timing_cache_path: Optional[Path] = None
+
+    def __post_init__(self):
+        self.onnx_path, self.engine_path = Path(self.onnx_path), Path(self.engine_path)
+        if self.timing_cache_path is not None:
+            self.timing_cache_path = Path(self.timing_cache_path)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
+            raise ValueError(f"batch sizes need 1 <= min <= opt <= max, got min={self.batch_min} "
+                             f"opt={self.batch_opt} max={self.batch_max}")
+        if not self.input_shapes:
+            raise ValueError("input_shapes is empty: give (C, H, W) for every input of the ONNX")
+        for name, shape in self.input_shapes.items():
+            if len(shape) != 3 or any(int(d) < 1 for d in shape):
+                raise ValueError(f"input {name!r}: shape must be (C, H, W) of positive sizes, got {tuple(shape)}")
+        if self.workspace_bytes < 1:
+            raise ValueError(f"workspace_bytes must be positive, got {self.workspace_bytes}")
+
+
+def profile_shapes(spec: EngineBuildSpec) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """{input: (min, opt, max)} full NCHW shapes of the one optimization profile."""
+    return {name: tuple((b, *map(int, chw)) for b in (spec.batch_min, spec.batch_opt, spec.batch_max))
+            for name, chw in spec.input_shapes.items()}
+
+
+def network_flags(trt) -> int:
+    """STRONGLY_TYPED: types come from the ONNX (fp16 / Q/DQ), never from the builder's own choices.
+
+    EXPLICIT_BATCH is never set: TensorRT 10 documents it as deprecated and ignored ("networks are
+    always explicit batch"), 11 removed it, and TensorRT < 10 is refused before we get here. 11
+    deprecates STRONGLY_TYPED too (always on, flag ignored), so it is set only while the enum has it.
+    """
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+@dataclass
+class EngineRecord:
+    tensorrt_version: str
+    gpu_name: Optional[str]
+    compute_capability: Optional[str]
+    precision: str
+    profile_shapes: dict[str, dict[str, list[int]]]
+    workspace_bytes: int
+    timing_cache: Optional[str]  # path, or None when the build used none
+    timing_cache_reused: bool  # an existing cache was loaded and accepted
+    engine_sha256: str
+    engine_bytes: int
+    onnx_sha256: str
+    built_at: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def record_path(engine_path: Path) -> Path:
+    return Path(engine_path).with_name(Path(engine_path).name + ".json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same folder + os.replace: readers never see half an engine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_inputs(network, spec: EngineBuildSpec) -> None:
+    """Spec vs the parsed ONNX, so a wrong name or size fails here and not deep inside the build."""
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    if set(inputs) != set(spec.input_shapes):
+        raise EngineBuildError(f"{spec.onnx_path}: ONNX inputs {sorted(inputs)} != spec inputs {sorted(spec.input_shapes)}")
+    for name, (lo, opt, hi) in profile_shapes(spec).items():
+        dims = inputs[name]
+        if len(dims) != 4 or any(d not in (-1, want) for d, want in zip(dims[1:], lo[1:])):
+            raise EngineBuildError(f"{spec.onnx_path}: input {name!r} is {dims} in the ONNX, spec wants (N, *{lo[1:]})")
+        if dims[0] != -1 and not lo[0] == opt[0] == hi[0] == dims[0]:
+            raise EngineBuildError(f"{spec.onnx_path}: input {name!r} has a fixed batch of {dims[0]}; export a "
+                                   f"dynamic batch axis or set batch min=opt=max={dims[0]}")
+
+
+def build_engine(spec: EngineBuildSpec) -> EngineRecord:
+    """Parse the ONNX, build one profile, write ``spec.engine_path`` and its ``.json`` record atomically."""
+    trt, why = _import_tensorrt()
+    if trt is None:
+        raise TensorRTUnavailable(f"building an engine needs TensorRT ({why}). {INSTALL_HINT}")
+    if int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: strongly typed builds need >= 10 (JetPack 6+)")
+    if not spec.onnx_path.is_file():
+        raise FileNotFoundError(f"no ONNX at {spec.onnx_path}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(spec.onnx_path)):  # from a path, so external weight files resolve
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["(the parser reported no details)"]
+        raise EngineBuildError(f"TensorRT could not parse {spec.onnx_path}: " + " | ".join(errors))
+    _check_inputs(network, spec)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_bytes)
+    profile = builder.create_optimization_profile()
+    shapes = profile_shapes(spec)
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    reused = False
+    if spec.timing_cache_path is not None:
+        blob = spec.timing_cache_path.read_bytes() if spec.timing_cache_path.is_file() else b""
+        # ignore_mismatch=False: a cache from another GPU or TensorRT is refused (the docs warn that
+        # mixing device caches may give functional/performance bugs); we then start an empty one.
+        accepted = config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False) is not False
+        reused = bool(blob) and accepted
+        if not accepted:
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT built no engine from {spec.onnx_path} (build_serialized_network returned "
+                               f"None; see the TensorRT log above: unsupported layer, or workspace "
+                               f"{spec.workspace_bytes >> 20} MiB too small?)")
+    data = bytes(serialized)  # IHostMemory exposes the buffer protocol
+    _atomic_write(spec.engine_path, data)
+    if spec.timing_cache_path is not None:  # saved back so the next build (same GPU + TensorRT) skips timing
+        _atomic_write(spec.timing_cache_path, bytes(config.get_timing_cache().serialize()))
+
+    device = cuda_device() or {}
+    record = EngineRecord(
+        tensorrt_version=trt.__version__, gpu_name=device.get("name"), compute_capability=device.get("compute_capability"),
+        precision=spec.precision,
+        profile_shapes={n: {"min": list(lo), "opt": list(opt), "max": list(hi)} for n, (lo, opt, hi) in shapes.items()},
+        workspace_bytes=spec.workspace_bytes,
+        timing_cache=str(spec.timing_cache_path) if spec.timing_cache_path is not None else None,
+        timing_cache_reused=reused, engine_sha256=hashlib.sha256(data).hexdigest(), engine_bytes=len(data),
+        onnx_sha256=_sha256(spec.onnx_path),
+    )
+    _atomic_write(record_path(spec.engine_path), (json.dumps(record.to_dict(), indent=2) + "\n").encode())
+    return record
+
+
+def inspect_engine(engine_path: Path) -> list[dict]:
+    """[{name, mode, dtype, shape}] of an engine's I/O tensors (deserializing needs this machine's GPU)."""
+    trt, why = _import_tensorrt()
+    if trt is None:
+        raise TensorRTUnavailable(f"reading an engine needs TensorRT ({why}). {INSTALL_HINT}")
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise EngineBuildError(f"TensorRT could not load {engine_path}: built for another GPU or TensorRT version?")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    return [{"name": n, "mode": "input" if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else "output",
+             "dtype": str(engine.get_tensor_dtype(n)), "shape": tuple(engine.get_tensor_shape(n))} for n in names]
+
+
+def engine_compatible(record: dict, device: Optional[dict], trt_version: Optional[str]) -> tuple[bool, str]:
+    """Can this machine load the engine ``record`` describes? Engines are per GPU model and TensorRT version."""
+    if trt_version is None:
+        return False, "TensorRT is not installed here"
+    if device is None:
+        return False, "no NVIDIA GPU found"
+    problems = []
+    if record.get("compute_capability") != device.get("compute_capability"):
+        problems.append(f"built for compute capability {record.get('compute_capability')} ({record.get('gpu_name')}), "
+                        f"this GPU is {device.get('compute_capability')} ({device.get('name')})")
+    if record.get("tensorrt_version") != trt_version:
+        problems.append(f"built with TensorRT {record.get('tensorrt_version')}, this machine has {trt_version}")
+    if problems:
+        return False, "; ".join(problems) + ": rebuild the engine on this machine"
+    note = "" if record.get("gpu_name") == device.get("name") else f" (tuned on {record.get('gpu_name')})"
+    return True, f"same compute capability {device.get('compute_capability')} and TensorRT {trt_version}{note}"
