@@ -266,9 +266,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds")
     parser.add_argument("--strict", action="store_true", help="a missed parity target is an error, not a warning")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("onnxruntime", "torch", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Our own progress at INFO; the libraries' (exporter passes, quantizer steps) only if they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
     try:
         options = ExportOptions(
             checkpoint=args.checkpoint, out=args.out, engine=args.engine, precision=args.precision,

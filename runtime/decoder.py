@@ -5,6 +5,10 @@ The graph (ONNX Runtime GenAI's model builder with ``exclude_embeds=true``) take
 ``logits`` and ``present.{i}.key/value``. Text tokens are embedded by looking up the exported
 embedding table, so image embeddings can be spliced in between them.
 
+The cache never goes through numpy: each step binds the previous step's ``present`` OrtValues
+as the next step's ``past`` inputs (IO binding), on whatever device the session runs on, so a
+GPU keeps the cache in device memory; only the last position's logits come back to the host.
+
 This is our own loop rather than ONNX Runtime GenAI's generator because GenAI has no CUDA build
 for aarch64 (Jetson), while plain onnxruntime runs everywhere.
 """
@@ -13,19 +17,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                  "tensor(int32)": np.int32}
+_DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
 class OnnxDecoder:
-    def __init__(self, folder: str | Path, model_file: str = "model.onnx", embeddings_file: str = "embed_tokens.npy",
+    def __init__(self, folder, model_file: str = "model.onnx", embeddings_file: str = "embed_tokens.npy",
                  providers: Optional[Sequence[str]] = None, session_options=None):
         import onnxruntime as ort
 
+        self._ort = ort
         folder = Path(folder)
         config = json.loads((folder / "genai_config.json").read_text())["model"]
         decoder = config["decoder"]
@@ -33,48 +39,62 @@ class OnnxDecoder:
         self.num_kv_heads = decoder["num_key_value_heads"]
         self.head_size = decoder["head_size"]
         self.context_length = config["context_length"]
-        self.key_names = [decoder["inputs"]["past_key_names"] % i for i in range(self.num_layers)]
-        self.value_names = [decoder["inputs"]["past_value_names"] % i for i in range(self.num_layers)]
-        self.present_key_names = [decoder["outputs"]["present_key_names"] % i for i in range(self.num_layers)]
-        self.present_value_names = [decoder["outputs"]["present_value_names"] % i for i in range(self.num_layers)]
+        names = decoder["inputs"], decoder["outputs"]
+        self.past_names = [names[0]["past_key_names"] % i for i in range(self.num_layers)] + \
+                          [names[0]["past_value_names"] % i for i in range(self.num_layers)]
+        self.present_names = [names[1]["present_key_names"] % i for i in range(self.num_layers)] + \
+                             [names[1]["present_value_names"] % i for i in range(self.num_layers)]
         self.session = ort.InferenceSession(str(folder / model_file), sess_options=session_options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.embeds_dtype = _ORT_TO_NUMPY[types["inputs_embeds"]]
-        self.cache_dtype = _ORT_TO_NUMPY[types[self.key_names[0]]]
+        self.cache_dtype = _ORT_TO_NUMPY[types[self.past_names[0]]]
         self.mask_dtype = _ORT_TO_NUMPY[types["attention_mask"]]
+        self.device = _DEVICE_OF_PROVIDER.get(self.session.get_providers()[0], "cpu")
         # Memory-mapped: a 150k-token table stays on disk until rows are looked up.
         self.embeddings = np.load(folder / embeddings_file, mmap_mode="r")
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
 
     def embed(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(token_ids, dtype=np.int64)], dtype=self.embeds_dtype)
 
-    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+    def _on_device(self, array: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def empty_cache(self, batch: int = 1) -> Dict[str, object]:
         shape = (batch, self.num_kv_heads, 0, self.head_size)
-        return {name: np.zeros(shape, self.cache_dtype) for name in self.key_names + self.value_names}
+        return {name: self._on_device(np.zeros(shape, self.cache_dtype)) for name in self.past_names}
 
-    def forward(self, embeds: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run ``embeds`` (B, T, D) after the cached positions; returns last-position logits and the
-        grown cache."""
-        past = cache[self.key_names[0]].shape[2]
+    @staticmethod
+    def cache_length(cache: Dict[str, object]) -> int:
+        return next(iter(cache.values())).shape()[2]
+
+    def forward(self, embeds: np.ndarray, cache: Dict[str, object]) -> Tuple[np.ndarray, Dict[str, object]]:
+        """Run ``embeds`` (B, T, D) after the cached positions; returns the last position's logits
+        (float32, on the host) and the grown cache (OrtValues, on the session's device)."""
+        past = self.cache_length(cache)
         batch, new = embeds.shape[:2]
-        feeds = dict(cache)
-        feeds["inputs_embeds"] = embeds.astype(self.embeds_dtype, copy=False)
-        feeds["attention_mask"] = np.ones((batch, past + new), dtype=self.mask_dtype)
-        outputs = self.session.run(None, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outputs))
-        grown = {}
-        for past_name, present_name in zip(self.key_names + self.value_names,
-                                           self.present_key_names + self.present_value_names):
-            grown[past_name] = result[present_name]
-        return result["logits"][:, -1].astype(np.float32), grown
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("inputs_embeds", self._on_device(embeds.astype(self.embeds_dtype, copy=False)))
+        binding.bind_ortvalue_input("attention_mask", self._on_device(np.ones((batch, past + new), self.mask_dtype)))
+        for name in self.past_names:
+            binding.bind_ortvalue_input(name, cache[name])
+        binding.bind_output("logits", self.device)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(["logits", *self.present_names], binding.get_outputs()))
+        logits = outputs["logits"].numpy()[:, -1].astype(np.float32)
+        return logits, {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
 
-    def greedy(self, prompt_embeds: np.ndarray, max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> list[int]:
-        """Greedy tokens after ``prompt_embeds`` (1, T, D): the reference the exporter validates."""
-        logits, cache = self.forward(prompt_embeds[None] if prompt_embeds.ndim == 2 else prompt_embeds,
-                                     self.empty_cache())
-        tokens: list[int] = []
+    def greedy(self, prompt_embeds: np.ndarray, max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> List[int]:
+        """Greedy tokens after ``prompt_embeds`` (T, D) or (1, T, D): the exporter's parity check."""
+        embeds = prompt_embeds[None] if prompt_embeds.ndim == 2 else prompt_embeds
+        logits, cache = self.forward(embeds, self.empty_cache())
+        tokens: List[int] = []
         for _ in range(max_new_tokens):
             token = int(logits[0].argmax())
             tokens.append(token)

@@ -1,0 +1,113 @@
+"""``ftz-chat``: ask about images from the terminal, answers streamed, timings printed.
+
+    ftz-chat --image photo.jpg "What is written on the sign?"     # one question
+    ftz-chat --image photo.jpg                                     # interactive, multi-turn
+
+With no ``--bundle`` it uses the shipped default model's bundle, building it once (with
+ftz-export, in a separate process: this one never imports torch) into the user cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import ftz_edge
+from ftz_edge.manifest import BundleError
+from ftz_edge.preprocess import ImageLoadError
+from ftz_edge.prompt import PromptError
+
+DEFAULT_MODEL = Path(ftz_edge.__file__).resolve().parent / "default_model"
+
+
+def default_bundle_path() -> Path:
+    """Cache folder of the default model's bundle, keyed by the model's weights (a new default
+    model gets a new bundle)."""
+    digest = hashlib.sha256((DEFAULT_MODEL / "ftz_weights.safetensors").read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("FTZ_EDGE_CACHE", Path.home() / ".cache" / "ftz-edge"))
+    return root / f"default-bundle-{digest}"
+
+
+def ensure_default_bundle() -> Path:
+    bundle = default_bundle_path()
+    if not (bundle / "manifest.json").is_file():
+        print(f"building the default model's bundle in {bundle} (once) ...", file=sys.stderr)
+        command = [sys.executable, "-m", "ftz_edge.export.bundle", "--checkpoint", str(DEFAULT_MODEL), "--out", str(bundle),
+                   "--engine", "onnx", "--precision", "fp32", "--llm-precision", "fp32"]
+        result = subprocess.run(command, stdout=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise SystemExit("ftz-chat: error: building the default bundle failed (needs the export extra: "
+                             "pip install -e '.[export]'); or pass --bundle")
+    return bundle
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ftz_edge.runtime.engine import ContextLengthError, Conversation, FtZRuntime
+    from ftz_edge.runtime.generation import GenerationConfig
+
+    parser = argparse.ArgumentParser(prog="ftz-chat", description="Ask an FtZ bundle about images.")
+    parser.add_argument("question", nargs="?", help="ask once and exit; without it: an interactive chat")
+    parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")
+    parser.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
+    parser.add_argument("--system", help="system prompt")
+    args = parser.parse_args(argv)
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+        runtime = FtZRuntime(args.bundle or ensure_default_bundle(), providers=args.provider)
+        chat = Conversation(runtime, args.system)
+        print(f"[{runtime.backends['vision']} {runtime.backends['vision_precision']}, "
+              f"LLM {runtime.backends['llm']} {runtime.backends['llm_precision']}]", file=sys.stderr)
+        images = list(args.image)
+        questions = [args.question] if args.question else None
+        while True:
+            if questions is not None:
+                if not questions:
+                    break
+                question = questions.pop()
+            else:
+                try:
+                    question = input("you> ").strip()
+                except EOFError:
+                    break
+                if question in ("", "/quit", "/exit"):
+                    break
+                if question.startswith("/image "):
+                    images.append(question.split(" ", 1)[1].strip())
+                    print(f"(image added; it goes with your next question)", file=sys.stderr)
+                    continue
+            print("ftz> " if questions is None else "", end="", flush=True)
+            try:
+                for delta in chat.ask(question, images, config):
+                    print(delta, end="", flush=True)
+                images = []
+            except (ImageLoadError, ContextLengthError, PromptError) as err:
+                print(f"\nerror: {err}", file=sys.stderr)
+                if questions is not None:
+                    return 2
+                continue
+            print()
+            print(f"[{runtime.last_timings.summary()}]", file=sys.stderr)
+            for note in runtime.last_timings.notes:
+                print(f"[note: {note}]", file=sys.stderr)
+    except (BundleError, ValueError) as err:
+        print(f"ftz-chat: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

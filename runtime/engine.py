@@ -1,0 +1,248 @@
+"""The on-device runtime: a bundle in, streamed answers about images out (torch-free).
+
+It imports numpy, Pillow, onnxruntime, tokenizers and Jinja2 (through ftz_edge.prompt), and
+tensorrt + cuda-python only when a TensorRT engine is used. Never torch or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from ftz_edge import prompt
+from ftz_edge.manifest import read_manifest
+from ftz_edge.preprocess import ImageProcessorSpec, load_image, preprocess_batch
+from ftz_edge.runtime.decoder import OnnxDecoder
+from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
+from ftz_edge.runtime.vision import OrtVision, TensorRTVision, choose_providers
+
+ANCHOR_INPUT, AUGMENTER_INPUT = "anchor_pixels", "augmenter_pixels"
+
+
+class ContextLengthError(ValueError):
+    """The prompt (text + image tokens) does not fit the model's context."""
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    decode_ms: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    decode_tokens_per_s: float = 0.0
+    total_ms: float = 0.0
+    peak_rss_mb: Optional[float] = None
+    gpu_memory_used_mb: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"preprocess {self.preprocess_ms:.1f} ms", f"vision {self.vision_ms:.1f} ms",
+                 f"prefill {self.prefill_ms:.1f} ms ({self.prompt_tokens} tokens)",
+                 f"first token {self.time_to_first_token_ms:.1f} ms",
+                 f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.new_tokens} tokens)"]
+        if self.peak_rss_mb is not None:
+            parts.append(f"peak RSS {self.peak_rss_mb:.0f} MB")
+        if self.gpu_memory_used_mb is not None:
+            parts.append(f"GPU memory {self.gpu_memory_used_mb:.0f} MB")
+        return ", ".join(parts)
+
+
+def peak_rss_mb() -> Optional[float]:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def gpu_memory_used_mb() -> Optional[float]:
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+        error, free, total = cudart.cudaMemGetInfo()
+        return None if int(error) else (total - free) / (1 << 20)
+    except Exception:  # no cuda-python or no GPU: not available, not an error
+        return None
+
+
+class FtZRuntime:
+    def __init__(self, bundle, providers: Optional[Sequence[str]] = None, vision_backend: str = "auto",
+                 verify: bool = True):
+        from tokenizers import Tokenizer
+
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle, verify=verify)
+        vision, llm, self.prompt_spec = self.manifest["vision"], self.manifest["llm"], self.manifest["prompt"]
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / self.prompt_spec["tokenizer"]))
+        specs = self.manifest["preprocess"]
+        self.anchor_spec = ImageProcessorSpec.from_dict(specs["anchor"])
+        self.augmenter_spec = ImageProcessorSpec.from_dict(specs["augmenter"]) if specs["augmenter"] else None
+        self.vision = self._vision_backend(vision, vision_backend, providers)
+        decoder_providers = choose_providers(providers)
+        if llm["execution_provider"] == "cpu":
+            # A CPU-built graph holds CPU-only kernels (e.g. the int4 MatMulNBits layout).
+            decoder_providers = ["CPUExecutionProvider"]
+        self.decoder = OnnxDecoder(self.bundle / llm["folder"], providers=decoder_providers)
+        self.num_image_tokens = vision["num_image_tokens"]
+        self.context_length = min(self.prompt_spec["max_length"], llm["context_length"])
+        self.eos_token_ids = set(self.prompt_spec["eos_token_ids"])
+        self.last_timings: Optional[Timings] = None
+        self.last_tokens: List[int] = []
+
+    def _vision_backend(self, vision: dict, requested: str, providers):
+        engine = vision.get("tensorrt")
+        if requested not in ("auto", "onnxruntime", "tensorrt"):
+            raise ValueError(f"vision backend must be auto, onnxruntime or tensorrt, got {requested!r}")
+        if requested == "tensorrt" and not engine:
+            raise ValueError(f"bundle {self.bundle} has no TensorRT engine; export it with ftz-export --engine trt")
+        if engine and requested in ("auto", "tensorrt"):
+            try:
+                return TensorRTVision(self.bundle / engine["file"])
+            except ImportError:
+                if requested == "tensorrt":
+                    raise
+        return OrtVision(self.bundle / vision["file"], providers)
+
+    @property
+    def backends(self) -> Dict[str, str]:
+        return {"vision": f"{self.vision.name} ({self.vision.provider})", "llm": f"onnxruntime ({self.decoder.provider})",
+                "vision_precision": self.manifest["vision"]["precision"], "llm_precision": self.manifest["llm"]["precision"]}
+
+    # -- pieces ---------------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> Dict[str, np.ndarray]:
+        loaded = [load_image(image) for image in images]
+        pixels = {ANCHOR_INPUT: preprocess_batch(loaded, self.anchor_spec)}
+        if self.augmenter_spec is not None:
+            pixels[AUGMENTER_INPUT] = preprocess_batch(loaded, self.augmenter_spec)
+        return pixels
+
+    def encode_prompt(self, messages: Sequence[dict]) -> List[int]:
+        text = prompt.render_chat(messages, self.prompt_spec["chat_template"],
+                                  {"bos_token": self.prompt_spec["bos_token"], "eos_token": self.prompt_spec["eos_token"]})
+        return prompt.tokenize(text, self.tokenizer)
+
+    def splice(self, ids: Sequence[int], image_embeds: Optional[np.ndarray]) -> np.ndarray:
+        """Token ids with IMAGE_TOKEN_ID sentinels -> (T, D) embeddings, images in order."""
+        pieces, start, next_image = [], 0, 0
+        ids = list(ids)
+        for position, token in enumerate(ids):
+            if token == prompt.IMAGE_TOKEN_ID:
+                pieces += [self.decoder.embed(ids[start:position]), image_embeds[next_image].astype(self.decoder.embeds_dtype)]
+                next_image += 1
+                start = position + 1
+        pieces.append(self.decoder.embed(ids[start:]))
+        return np.concatenate(pieces, axis=0)
+
+    # -- answering ------------------------------------------------------------------------
+    def stream(self, messages: Sequence[dict], images: Sequence = (), config: Optional[GenerationConfig] = None) -> Iterator[str]:
+        """Yield the answer as text deltas; ``last_timings`` holds the timings when it ends."""
+        config = config or GenerationConfig()
+        timings = Timings()
+        start = time.perf_counter()
+        placeholders = prompt.count_images(messages)
+        if placeholders != len(images):
+            raise ValueError(f"the conversation has {placeholders} <image> placeholders but {len(images)} images were given")
+        ids = self.encode_prompt(messages)
+        prompt_tokens = len(ids) + placeholders * (self.num_image_tokens - 1)
+        room = self.context_length - prompt_tokens
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt needs {prompt_tokens} tokens ({placeholders} image(s) x {self.num_image_tokens} + text) "
+                f"but the context holds {self.context_length}; shorten the conversation or use fewer images")
+        max_new = config.max_new_tokens
+        if max_new > room:
+            timings.notes.append(f"max_new_tokens {max_new} trimmed to {room} to fit the {self.context_length}-token context")
+            max_new = room
+        image_embeds = None
+        if images:
+            pixels = self.preprocess(images)
+            timings.preprocess_ms = (time.perf_counter() - start) * 1e3
+            vision_start = time.perf_counter()
+            image_embeds = self.vision(pixels)
+            timings.vision_ms = (time.perf_counter() - vision_start) * 1e3
+        embeds = self.splice(ids, image_embeds)
+        timings.prompt_tokens = embeds.shape[0]
+
+        prefill_start = time.perf_counter()
+        logits, cache = self.decoder.forward(embeds[None], self.decoder.empty_cache())
+        timings.prefill_ms = (time.perf_counter() - prefill_start) * 1e3
+        choose, stops = TokenChooser(config), StopChecker(config.stop)
+        history = [t for t in ids if t >= 0]
+        generated: List[int] = []
+        emitted = ""
+        decode_start = None
+        while True:
+            token = choose(logits[0], history + generated)
+            if not generated:
+                timings.time_to_first_token_ms = (time.perf_counter() - start) * 1e3
+                decode_start = time.perf_counter()
+            if token in self.eos_token_ids:
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cut = stops.cut(text)
+            if cut is not None:
+                text = text[:cut]
+            # Hold back a partial UTF-8 character and a possible start of a stop string.
+            ready = text if cut is not None else text[: len(text) - stops.holdback(text)]
+            if ready.endswith("\ufffd"):
+                ready = ready[:-1]
+            if len(ready) > len(emitted) and ready.startswith(emitted):
+                yield ready[len(emitted):]
+                emitted = ready
+            if cut is not None or len(generated) >= max_new:
+                break
+            logits, cache = self.decoder.forward(self.decoder.embed([token])[None], cache)
+        final = self.tokenizer.decode(generated, skip_special_tokens=True)
+        cut = stops.cut(final)
+        final = final[:cut] if cut is not None else final
+        if final.startswith(emitted) and len(final) > len(emitted):
+            yield final[len(emitted):]
+        end = time.perf_counter()
+        timings.new_tokens = len(generated)
+        timings.decode_ms = (end - decode_start) * 1e3 if decode_start else 0.0
+        if timings.new_tokens > 1 and timings.decode_ms > 0:
+            timings.decode_tokens_per_s = (timings.new_tokens - 1) / (timings.decode_ms / 1e3)
+        timings.total_ms = (end - start) * 1e3
+        timings.peak_rss_mb = peak_rss_mb()
+        timings.gpu_memory_used_mb = gpu_memory_used_mb() if self.decoder.device == "cuda" else None
+        self.last_timings = timings
+        self.last_tokens = generated
+
+    def answer(self, image, question: str, config: Optional[GenerationConfig] = None) -> str:
+        """One image, one question: the whole answer (``last_timings`` has the timings)."""
+        return "".join(self.stream([prompt.user_turn_with_image(question)], [image] if image is not None else [], config))
+
+
+class Conversation:
+    """A multi-turn chat about one or more images with a runtime."""
+
+    def __init__(self, runtime: FtZRuntime, system: Optional[str] = None):
+        self.runtime = runtime
+        self.messages: List[dict] = [{"role": "system", "content": system}] if system else []
+        self.images: list = []
+
+    def ask(self, question: str, images: Sequence = (), config: Optional[GenerationConfig] = None) -> Iterator[str]:
+        placeholders = "".join(f"{prompt.IMAGE_PLACEHOLDER}\n" for _ in images)
+        turn = {"role": "user", "content": placeholders + question}
+        answer = []
+        for delta in self.runtime.stream(self.messages + [turn], self.images + list(images), config):
+            answer.append(delta)
+            yield delta
+        # Only a completed turn joins the history (an error above leaves the conversation as it was).
+        self.messages += [turn, {"role": "assistant", "content": "".join(answer).strip() or "(no answer)"}]
+        self.images += list(images)
