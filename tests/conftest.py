@@ -36,3 +36,12 @@ def make_config(components, kind="ftz", **tower):
         tower=TowerConfig(kind=kind, anchor=components["anchor"], augmenter=augmenter, **tower),
         llm=components["llm"],
     )
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory):
+    """The shipped default model exported as ftz-chat does it (fp32 tower and LLM), once per session."""
+    os.environ["FTZ_EDGE_CACHE"] = str(tmp_path_factory.mktemp("ftz-cache"))
+    from ftz_edge.runtime.chat_cli import ensure_default_bundle
+
+    return ensure_default_bundle()
