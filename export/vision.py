@@ -8,6 +8,7 @@ Pruned layers are never traced, so they are absent from the graph.
 
 from __future__ import annotations
 
+import ast
 import re
 import warnings
 from collections import Counter
@@ -58,18 +59,37 @@ def export_vision(vision: FtZVision, shapes: dict[str, tuple[int, int, int]], pa
     return path
 
 
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _LAYER_PATTERN = {
-    "anchor": re.compile(r"anchor\.encoder\.layers\.(\d+)\."),
-    "augmenter": re.compile(r"augmenter\.encoder\.layer\.(\d+)\."),
+    "anchor": re.compile(r"(?:^|\.)anchor\.encoder\.layers\.(\d+)(?:\.|$)"),
+    "augmenter": re.compile(r"(?:^|\.)augmenter\.encoder\.layer\.(\d+)(?:\.|$)"),
 }
 
 
+def node_module(node: onnx.NodeProto) -> Optional[str]:
+    """The deepest nn.Module path the dynamo exporter recorded for ``node`` (None if absent).
+
+    Initializer names are no guide: the exporter folds and deduplicates weights into ``val_N``
+    constants, but every node keeps the module scopes it was traced in."""
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            # [root '', 'vision', ..., deepest module, fx node name]: the last entry is not a module.
+            modules = [scope for scope in scopes[:-1] if scope]
+            return modules[-1] if modules else None
+    return None
+
+
 def layers_in_graph(model: onnx.ModelProto) -> dict[str, set[int]]:
-    """Which encoder layers (0-based module indices) have weights in the graph."""
+    """Which encoder layers (0-based module indices) have nodes in the graph."""
     found: dict[str, set[int]] = {"anchor": set(), "augmenter": set()}
-    for initializer in model.graph.initializer:
+    for node in model.graph.node:
+        module = node_module(node) or ""
         for encoder, pattern in _LAYER_PATTERN.items():
-            match = pattern.search(initializer.name)
+            match = pattern.search(module)
             if match:
                 found[encoder].add(int(match.group(1)))
     return found
