@@ -51,8 +51,8 @@ class ExportOptions:
     precision: str = "fp16"  # vision: fp32 | fp16 | int8
     llm_precision: str = "int4"  # fp32 | fp16 | int8 | int4
     llm_provider: Optional[str] = None  # cpu | cuda; default: what the precision is built for first
-    calib_images: Optional[str] = None  # default: the shipped default model's example images
-    calib_method: str = "entropy"  # minmax | entropy | percentile
+    calib_images: Optional[str] = None  # default: the shipped default model's calibration images
+    calib_method: str = "minmax"  # minmax | entropy | percentile (entropy was unstable on ViTs here: README)
     max_calib_images: int = 64
     sensitivity: bool = True
     batch_min: int = 1
@@ -70,7 +70,7 @@ class ExportOptions:
 
 
 def calibration_images(folder: Optional[str], limit: int) -> list[Path]:
-    folder = Path(folder) if folder else DEFAULT_CHECKPOINT / "examples"
+    folder = Path(folder) if folder else DEFAULT_CHECKPOINT / "calibration"
     if not folder.is_dir():
         raise ExportError(f"calibration folder {folder} does not exist")
     candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -2,6 +2,7 @@
 
     ftz-chat --image photo.jpg "What is written on the sign?"     # one question
     ftz-chat --image photo.jpg                                     # interactive, multi-turn
+    ftz-chat --example 0                                           # a shipped example image + question
 
 With no ``--bundle`` it uses the shipped default model's bundle, building it once (with
 ftz-export, in a separate process: this one never imports torch) into the user cache.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -54,6 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("question", nargs="?", help="ask once and exit; without it: an interactive chat")
     parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")
     parser.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
+    parser.add_argument("--example", type=int, metavar="N",
+                        help="ask the shipped default model's example N (its image and question)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -64,6 +68,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
     parser.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
+    if args.example is not None:
+        examples = json.loads((DEFAULT_MODEL / "examples" / "examples.json").read_text())
+        if not 0 <= args.example < len(examples):
+            parser.error(f"--example must be 0..{len(examples) - 1}")
+        example = examples[args.example]
+        args.image.append(str(DEFAULT_MODEL / "examples" / example["image"]))
+        args.question = args.question or example["question"]
+        print(f"[example {args.example}: {example['image']}, expected answer {example['answer']!r}]", file=sys.stderr)
+        print(f"you> {args.question}", file=sys.stderr)
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)

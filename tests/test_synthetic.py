@@ -128,13 +128,13 @@ def test_answers_agree_with_scene_and_pixels(seed, tmp_path):
             n = len(ex.shapes) if kind == "shape" else sum(s.kind == kind for s in ex.shapes)
             assert ex.answer == syn.NUMBER_WORDS[n]
         elif qtype == "position":
-            pattern = r"Is the (\w+) (\w+) (left or right|above or below) of the (\w+) (\w+)\?"
+            pattern = r"Is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+)\?"
             m = re.fullmatch(pattern, q)
             c0, k0, pair, c1, k1 = m.groups()
             a = next(s for s in ex.shapes if s.color == c0)
             b = next(s for s in ex.shapes if s.color == c1)
             assert (a.kind, b.kind) == (k0, k1)
-            axis = 1 if pair == "left or right" else 0
+            axis = 1 if pair == "left or right of" else 0
             # Pixel centroids (image rows = y, cols = x) give the same relation, with a margin.
             ca = np.argwhere(_colour_mask(px, c0)).mean(0)[axis]
             cb = np.argwhere(_colour_mask(px, c1)).mean(0)[axis]

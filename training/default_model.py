@@ -41,6 +41,7 @@ from ftz_edge.training import encoder_pretrain, synthetic
 from ftz_edge.training.recipe import TrainConfig
 from ftz_edge.training.train import train
 
+CALIBRATION_IMAGES = 32
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
 
 
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                              "question": record["conversations"][0]["value"].replace("<image>\n", ""),
                              "answer": record["conversations"][1]["value"]})
         (staged / "examples" / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+        # Real images for INT8 calibration (ftz-export's default --calib-images): training scenes.
+        (staged / "calibration").mkdir()
+        for record in json.loads((work / "data" / "train.json").read_text())[:CALIBRATION_IMAGES]:
+            shutil.copy(work / "data" / record["image"], staged / "calibration" / Path(record["image"]).name)
         report = {
             "settings": vars(args) | {"out": str(args.out)},
             "encoder_pretraining": encoder_report,

@@ -181,8 +181,8 @@ def generate_example(rng: Union[int, np.random.Generator], qtype: str, image_siz
         relation = answer
         specs = _specs(rng, [pick(SHAPES) for _ in range(2 + int(rng.integers(0, 3)))])
         (k0, c0), (k1, c1) = specs[:2]
-        pair = "left or right" if answer in ("left", "right") else "above or below"
-        question = f"Is the {c0} {k0} {pair} of the {c1} {k1}?"
+        pair = "left or right of" if answer in ("left", "right") else "above or below"
+        question = f"Is the {c0} {k0} {pair} the {c1} {k1}?"
     elif qtype == "text":
         specs = _specs(rng, [pick(SHAPES) for _ in range(int(rng.integers(0, MAX_SHAPES)))])
         question = "What is the written character?"
@@ -304,8 +304,8 @@ def all_questions() -> List[str]:
     qs = [f"What color is the {k}?" for k in SHAPES] + ["How many shapes are there?"]
     qs += [f"How many {k}s are there?" for k in SHAPES] + ["What is the written character?"]
     qs += [f"Is there a {c} {k}?" for c in PALETTE for k in SHAPES]
-    for pair in ("left or right", "above or below"):
-        qs += [f"Is the {c0} {k0} {pair} of the {c1} {k1}?" for c0 in PALETTE for k0 in SHAPES
+    for pair in ("left or right of", "above or below"):
+        qs += [f"Is the {c0} {k0} {pair} the {c1} {k1}?" for c0 in PALETTE for k0 in SHAPES
                for c1 in PALETTE for k1 in SHAPES if c0 != c1]
     return [q + SUFFIX for q in qs]
 
