@@ -67,8 +67,11 @@ def build_components(folder: Path, seed: int, encoder_steps: int) -> tuple[dict[
 
 
 def model_config(paths: dict[str, str], kind: str) -> FtZConfig:
+    # Last-layer features with CLS: the tiny encoders were pretrained through their final CLS
+    # (scene labels, the character), so that is where their knowledge is; LLaVA's penultimate
+    # patch tokens suit CLIP's contrastive pretraining, not this one.
     tower = TowerConfig(kind=kind, anchor=paths["anchor"], augmenter=None if kind == "clip" else paths["augmenter"],
-                        num_fusion_points=2, fusion_heads=4)
+                        num_fusion_points=2, fusion_heads=4, select_layer=-1, select_feature="cls_patch")
     return FtZConfig(tower=tower, llm=paths["llm"], max_length=256)
 
 
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-steps", type=int, default=600, help="encoder pretraining steps (each)")
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--finetune-steps", type=int, default=1200)
+    parser.add_argument("--components", type=Path, help="re-use anchor/, augmenter/, llm/ from --keep-components")
+    parser.add_argument("--keep-components", type=Path, help="save the pretrained components here for re-use")
     parser.add_argument("--skip-baseline", action="store_true", help="do not train the CLIP-only comparison")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -118,7 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftz-default-") as work:
         work = Path(work)
         synthetic.generate_dataset(work / "data", args.train, args.test, args.seed)
-        paths, encoder_report = build_components(work / "components", args.seed, args.encoder_steps)
+        if args.components:
+            # Re-use the encoders (and LLM init) of an earlier build with the same seed: encoder
+            # pretraining is the slow part on a CPU, and the FtZ stages keep the encoders frozen.
+            paths = {name: str(args.components / name) for name in ("anchor", "augmenter", "llm")}
+            report_file = args.components / "encoder_report.json"
+            encoder_report = json.loads(report_file.read_text()) if report_file.is_file() else {"reused": str(args.components)}
+        else:
+            paths, encoder_report = build_components(work / "components", args.seed, args.encoder_steps)
+            (work / "components" / "encoder_report.json").write_text(json.dumps(encoder_report, indent=2))
+            if args.keep_components:
+                shutil.copytree(work / "components", args.keep_components, dirs_exist_ok=True)
         test_records = json.loads((work / "data" / "test.json").read_text())
         results, timings = {}, {}
         for kind in ("ftz",) if args.skip_baseline else ("ftz", "clip"):
