@@ -26,7 +26,6 @@ from ftz_edge.runtime.engine import Conversation, FtZRuntime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-COLOR = "005003.png"  # "What color is the circle?"
 SERVER_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -60,6 +59,12 @@ def examples():
     items = demo.load_examples()
     assert len(items) >= 2 and all(Path(e["image"]).is_file() for e in items)
     return {Path(e["image"]).name: e for e in items}
+
+
+@pytest.fixture(scope="module")
+def COLOR(examples):
+    """File name of the shipped colour example ("What color is the circle?")."""
+    return next(name for name, e in examples.items() if e["qtype"] == "color")
 
 
 def free_port() -> int:
@@ -127,7 +132,7 @@ def huge_png(path: Path, width: int = 10_000, height: int = 8_000) -> Path:
 # ------------------------------------------------------------------------------ unit: the callback
 
 
-def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples):
+def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples, COLOR):
     example = examples[COLOR]
     image, question = example["image"], example["question"]
     expected = runtime.answer(image, question)
@@ -179,7 +184,7 @@ def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples):
     assert (state, chat_value, image_value, box) == (None, [], None, "") and "Answer" not in panel
 
 
-def test_bad_uploads_become_readable_chat_messages(runtime, examples, tmp_path):
+def test_bad_uploads_become_readable_chat_messages(runtime, examples, tmp_path, COLOR):
     question = "What is this?"
 
     def last_turn(session, image):
@@ -230,7 +235,7 @@ def test_bad_uploads_become_readable_chat_messages(runtime, examples, tmp_path):
     assert len(session.conversation.messages) == 2 and not history[-1]["content"].startswith("Could not")
 
 
-def test_settings_and_app_wiring(runtime, examples):
+def test_settings_and_app_wiring(runtime, examples, COLOR):
     config = demo.make_config(16, 0.7, 5, 0.9, 1.1, 3.0, "Q:\n\\n")
     assert (config.max_new_tokens, config.top_k, config.seed, config.stop) == (16, 5, 3, ["Q:", "\n"])
     assert demo.make_config(seed="").seed is None
@@ -254,7 +259,7 @@ def test_settings_and_app_wiring(runtime, examples):
 
 
 @pytest.mark.slow
-def test_demo_never_imports_torch(bundle, examples):
+def test_demo_never_imports_torch(bundle, examples, COLOR):
     code = textwrap.dedent("""
         import json, sys
         from ftz_edge.demo.app import build_app, chat, load_examples
@@ -276,7 +281,7 @@ def test_demo_never_imports_torch(bundle, examples):
 
 
 @pytest.mark.slow
-def test_gradio_client_round_trip(server, runtime, examples, tmp_path):
+def test_gradio_client_round_trip(server, runtime, examples, tmp_path, COLOR):
     from gradio_client import Client, handle_file
 
     example = examples[COLOR]

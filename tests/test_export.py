@@ -124,7 +124,7 @@ def test_default_export_writes_a_complete_validated_bundle(int8_bundle):
     assert manifest["vision"]["engine"] == "onnx"  # no TensorRT here: auto falls back, and says why
     assert "TensorRT" in manifest["provenance"]["engine_choice"] or "GPU" in manifest["provenance"]["engine_choice"]
     assert manifest["vision"]["precision"] == "int8"
-    assert manifest["vision"]["num_image_tokens"] == 16
+    assert manifest["vision"]["num_image_tokens"] == 16 + 1  # 4x4 anchor patches + CLS
     assert manifest["preprocess"]["anchor"]["crop_height"] == 64
     assert manifest["prompt"]["image_token_id"] == -200 and manifest["prompt"]["eos_token_ids"]
     assert manifest["llm"]["precision"] == "fp32" and manifest["llm"]["inputs"][0]["name"] in ("attention_mask", "inputs_embeds")

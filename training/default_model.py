@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         for record in json.loads((work / "data" / "train.json").read_text())[:CALIBRATION_IMAGES]:
             shutil.copy(work / "data" / record["image"], staged / "calibration" / Path(record["image"]).name)
         report = {
-            "settings": vars(args) | {"out": str(args.out)},
+            # encoder_steps is None when pretrained components were re-used (their report says how they were made)
+            "settings": vars(args) | {"out": str(args.out), "encoder_steps": None if args.components else args.encoder_steps},
             "encoder_pretraining": encoder_report,
             "train_seconds": timings,
             "results": results,
