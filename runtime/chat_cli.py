@@ -41,10 +41,11 @@ def ensure_default_bundle() -> Path:
         print(f"building the default model's bundle in {bundle} (once) ...", file=sys.stderr)
         command = [sys.executable, "-m", "ftz_edge.export.bundle", "--checkpoint", str(DEFAULT_MODEL), "--out", str(bundle),
                    "--engine", "onnx", "--precision", "fp32", "--llm-precision", "fp32"]
-        result = subprocess.run(command, stdout=subprocess.DEVNULL)
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
-            raise SystemExit("ftz-chat: error: building the default bundle failed (needs the export extra: "
-                             "pip install -e '.[export]'); or pass --bundle")
+            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            raise SystemExit(f"ftz-chat: error: building the default bundle failed (it needs the export extra: "
+                             f"pip install -e '.[export]'); or pass --bundle\n{tail}")
     return bundle
 
 
