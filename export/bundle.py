@@ -102,6 +102,9 @@ def _pixels(model, images: list[Path]) -> dict[str, np.ndarray]:
 
 
 def _check_writable(out: Path) -> None:
+    # Only a previous bundle may be replaced: never a user's folder that happens to be named.
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise ExportError(f"{out} exists and is not an ftz bundle; choose another --out or remove it")
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
         trainable = {k[len("vision."):]: v for k, v in state_dict.items()
                      if k.startswith("vision.") and not k.startswith(("vision.anchor.", "vision.augmenter."))}
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file())):
+        raise CheckpointError(f"{folder} exists and is not an FtZ checkpoint; refusing to replace it")
     include_llm = model.config.llm_trained if include_llm is None else include_llm
     with atomic_folder(folder) as tmp:
         config = copy.deepcopy(model.config)

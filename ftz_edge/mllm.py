@@ -137,7 +137,8 @@ class FtZForCausalLM(nn.Module):
     def generate(self, input_ids, anchor_pixels=None, augmenter_pixels=None, **generate_kwargs) -> torch.Tensor:
         """New tokens only (HF ``generate`` with ``inputs_embeds`` returns just the continuation)."""
         inputs = self.build_inputs(input_ids, anchor_pixels, augmenter_pixels, padding_side="left")
-        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.eos_token_id if pad is None else pad)
         return self.llm.generate(**inputs, **generate_kwargs)
 
     def answer(self, image, question: str, max_new_tokens: int = 32, **generate_kwargs) -> str:

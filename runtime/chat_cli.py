@@ -21,8 +21,6 @@ from typing import List, Optional
 
 import ftz_edge
 from ftz_edge.manifest import BundleError
-from ftz_edge.preprocess import ImageLoadError
-from ftz_edge.prompt import PromptError
 
 DEFAULT_MODEL = Path(ftz_edge.__file__).resolve().parent / "default_model"
 
@@ -50,7 +48,7 @@ def ensure_default_bundle() -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ftz_edge.runtime.engine import ContextLengthError, Conversation, FtZRuntime
+    from ftz_edge.runtime.engine import Conversation, FtZRuntime
     from ftz_edge.runtime.generation import GenerationConfig
 
     parser = argparse.ArgumentParser(prog="ftz-chat", description="Ask an FtZ bundle about images.")
@@ -101,18 +99,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                     break
                 if question.startswith("/image "):
                     images.append(question.split(" ", 1)[1].strip())
-                    print(f"(image added; it goes with your next question)", file=sys.stderr)
+                    print("(image added; it goes with your next question)", file=sys.stderr)
                     continue
             print("ftz> " if questions is None else "", end="", flush=True)
             try:
                 for delta in chat.ask(question, images, config):
                     print(delta, end="", flush=True)
-                images = []
-            except (ImageLoadError, ContextLengthError, PromptError) as err:
+            except ValueError as err:  # an unreadable image, a prompt past the context, a bad prompt
                 print(f"\nerror: {err}", file=sys.stderr)
                 if questions is not None:
                     return 2
                 continue
+            finally:
+                images = []  # an image goes with one question, used or refused
             print()
             print(f"[{runtime.last_timings.summary()}]", file=sys.stderr)
             for note in runtime.last_timings.notes:

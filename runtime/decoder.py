@@ -7,7 +7,8 @@ embedding table, so image embeddings can be spliced in between them.
 
 The cache never goes through numpy: each step binds the previous step's ``present`` OrtValues
 as the next step's ``past`` inputs (IO binding), on whatever device the session runs on, so a
-GPU keeps the cache in device memory; only the last position's logits come back to the host.
+GPU keeps the cache in device memory. Logits do come to the host: one row per decode step, but
+the whole (T, vocab) block at prefill, as the graph outputs every position.
 
 This is our own loop rather than ONNX Runtime GenAI's generator because GenAI has no CUDA build
 for aarch64 (Jetson), while plain onnxruntime runs everywhere.

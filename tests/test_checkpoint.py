@@ -124,3 +124,22 @@ def test_preset_config_round_trips_through_json(tmp_path):
     config.save(tmp_path)
     assert FtZConfig.load(tmp_path) == config
     assert config.tower.fusion_init == "default" and config.tower.select_layer == -1
+
+
+def test_an_existing_folder_that_is_not_a_checkpoint_is_never_replaced(tiny_components, tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="exists and is not an FtZ checkpoint"):
+        save_checkpoint(trained_model(tiny_components), precious)
+    assert (precious / "todo.txt").read_text() == "keep me"
+
+
+def test_saved_folders_are_readable_by_others(tiny_components, tmp_path):
+    import os
+    import stat
+
+    save_checkpoint(trained_model(tiny_components), tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o777 & ~umask

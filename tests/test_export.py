@@ -182,3 +182,12 @@ def test_config_weights_mismatch_is_refused(tiny_components, tmp_path, capsys):
     assert bundle_module.main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "b")]) == 2
     assert "does not match the model its config builds" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_an_existing_folder_that_is_not_a_bundle_is_never_replaced(tmp_path, capsys):
+    precious = tmp_path / "Documents"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    assert bundle_module.main(["--out", str(precious), "--llm-precision", "fp32"]) == 2
+    assert "exists and is not an ftz bundle" in capsys.readouterr().err
+    assert (precious / "thesis.txt").read_text() == "years of work"

@@ -142,15 +142,18 @@ def test_bad_records_are_skipped_and_counted(tiny_components, tmp_path):
         {"id": "no-placeholder", "image": "ok.png", "conversations": [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "red"}]},
         {"id": "empty-turn", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": " "}]},
         {"id": "no-answer", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColor?"}]},
-        {"id": "long", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "red " * 300}, {"from": "gpt", "value": "red"}]},
+        {"id": "long", "image": "ok.png", "conversations": [*good, {"from": "human", "value": "red " * 300},
+                                                             {"from": "gpt", "value": "red"}]},
+        {"id": "answer-past-limit", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + "red " * 300}, {"from": "gpt", "value": "red"}]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     data = LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200)
     report = data.report
     assert [item["id"] for item in data.items] == ["good", "text-only", "long"]
-    assert (report.total, report.kept, report.truncated) == (8, 3, 1)
+    assert (report.total, report.kept, report.truncated) == (9, 3, 1)  # "long" keeps its first answer
     assert dict(report.skipped) == {"image not found": 1, "image unreadable": 1, "image given but no <image> placeholder": 1,
-                                    "empty turn": 1, "no gpt turn": 1}
+                                    "empty turn": 1, "no gpt turn": 1, "no answer within max_length": 1}
     assert report.examples[0].startswith("missing: image not found") and "nope.png" in report.examples[0]
     with pytest.raises(DataError, match="record missing: image not found"):
         LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200, strict=True)

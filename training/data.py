@@ -133,8 +133,15 @@ class LlavaDataset(torch.utils.data.Dataset):
                     raise DataError(f"{data_path}: record {record_id}: {err}") from None
                 self.report.skip(record_id, str(err))
                 continue
-            length = len(ids) + (image_tokens - 1 if image is not None else 0)
-            if length > max_length:
+            expand = image_tokens - 1 if image is not None else 0  # the placeholder becomes the image tokens
+            first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + expand
+            if first_answer >= max_length:
+                # Truncation would leave nothing to learn (and an all-ignored row gives a NaN loss).
+                if strict:
+                    raise DataError(f"{data_path}: record {record_id}: no answer token within max_length {max_length}")
+                self.report.skip(record_id, f"no answer within max_length ({max_length} tokens)")
+                continue
+            if len(ids) + expand > max_length:
                 self.report.truncated += 1
             self.items.append({"id": record_id, "input_ids": ids, "labels": labels, "image": image})
         self.report.kept = len(self.items)

@@ -280,7 +280,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 recipe, stage, args.data_root, args.output_dir, init_from=init_from, max_steps=args.max_steps,
                 per_device_batch_size=args.per_device_batch_size, strict=args.strict,
             )
-            final = train(cfg, model_config, resume=args.resume, progress=not args.no_progress)
+            if args.resume and (Path(cfg.output_dir) / "final" / "ftz_weights.safetensors").is_file():
+                final = Path(cfg.output_dir) / "final"  # this stage finished before the interruption
+            else:
+                resume = args.resume and latest_checkpoint(Path(cfg.output_dir)) is not None
+                final = train(cfg, model_config, resume=resume, progress=not args.no_progress)
             print(f"{stage}: wrote {final}")
             init_from = str(final)  # finetune starts from the pretrain result
     except (DataError, ValueError, FileNotFoundError) as err:
