@@ -38,12 +38,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders: bool = False,
-                    include_llm: Optional[bool] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                    include_llm: Optional[bool] = None, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                    extra_files: Optional[dict[str, str]] = None) -> Path:
     """Write ``model`` to ``folder`` atomically (replacing an existing checkpoint there).
 
     ``include_llm`` defaults to ``model.config.llm_trained``: a frozen LLM is referenced by id.
     ``state_dict`` (the whole model's, e.g. gathered by accelerate under DeepSpeed ZeRO-3, where
     the module's own parameters are shards) replaces the module's weights when given.
+    ``extra_files`` (name -> text, e.g. the training config) are written inside the same atomic step.
     """
     if state_dict is None:
         llm_weights = None
@@ -73,6 +75,8 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
         weights = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
         save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": "pt", "ftz_edge": __version__})
         config.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return folder
 
 

@@ -61,6 +61,7 @@ def test_stage_freezing(tiny_components, dataset_dir, tmp_path, stage):
             assert not torch.equal(a[name], b[name]), f"trainable {name} did not change"
     assert after.config.llm_trained == (stage == "finetune")
     assert (final / "llm").is_dir() == (stage == "finetune")
+    assert json.loads((final / "train_config.json").read_text())["stage"] == stage
 
 
 def test_tiny_model_overfits_a_handful_of_records(tiny_components, dataset_dir, tmp_path):

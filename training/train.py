@@ -216,11 +216,12 @@ def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, schedu
             f.write(json.dumps(record) + "\n")
 
 
-def _save_model(accelerator, model, folder: Path, include_encoders: bool = False) -> None:
+def _save_model(accelerator, model, folder: Path, include_encoders: bool = False, extra_files=None) -> None:
     """The FtZ checkpoint of the wrapped model (gathers ZeRO-3 shards on every process)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), folder, include_encoders=include_encoders, state_dict=state_dict)
+        save_checkpoint(accelerator.unwrap_model(model), folder, include_encoders=include_encoders, state_dict=state_dict,
+                        extra_files=extra_files)
 
 
 def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: TrainerState) -> Path:
@@ -246,9 +247,8 @@ def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: Traine
 
 def save_final(accelerator, model, cfg: TrainConfig) -> Path:
     final = Path(cfg.output_dir) / "final"
-    _save_model(accelerator, model, final, include_encoders=cfg.save_encoders)
-    if accelerator.is_main_process:
-        (final / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    _save_model(accelerator, model, final, include_encoders=cfg.save_encoders,
+                extra_files={"train_config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"})
     accelerator.wait_for_everyone()
     return final
 
