@@ -33,7 +33,7 @@ from ftz_edge.runtime.generation import GenerationConfig
 
 log = logging.getLogger("ftz_edge.demo")
 
-EXAMPLES_DIR = Path(ftz_edge.__file__).resolve().parent / "default_model" / "examples"
+EXAMPLES_DIR = ftz_edge.DEFAULT_MODEL / "examples"
 CHAT_CONCURRENCY_ID = "ftz-model"
 QUEUE_MAX_SIZE = 16  # waiting requests beyond this are refused ("queue is full") rather than piling up
 MAX_UPLOAD = "25mb"  # an upload is refused above this; load_image's pixel guard catches the rest

@@ -30,12 +30,13 @@ from typing import Optional
 
 import numpy as np
 
+from ftz_edge import DEFAULT_MODEL
 from ftz_edge.atomic import atomic_folder
 from ftz_edge.manifest import write_manifest
-from ftz_edge.preprocess import ImageLoadError, load_image, preprocess_batch
+from ftz_edge.preprocess import ImageLoadError, encoder_pixels, load_image
 
 logger = logging.getLogger("ftz_edge.export")
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -92,13 +93,7 @@ def calibration_images(folder: Optional[str], limit: int) -> list[Path]:
 
 
 def _pixels(model, images: list[Path]) -> dict[str, np.ndarray]:
-    from ftz_edge.export.vision import INPUT_ANCHOR, INPUT_AUGMENTER
-
-    loaded = [load_image(p) for p in images]
-    pixels = {INPUT_ANCHOR: preprocess_batch(loaded, model.anchor_spec)}
-    if model.augmenter_spec is not None and model.vision.augmenter is not None:
-        pixels[INPUT_AUGMENTER] = preprocess_batch(loaded, model.augmenter_spec)
-    return pixels
+    return encoder_pixels(images, model.anchor_spec, model.augmenter_spec)
 
 
 def _check_writable(out: Path) -> None:

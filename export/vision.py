@@ -19,10 +19,11 @@ import onnx
 import torch
 from torch import nn
 
+from ftz_edge.preprocess import ANCHOR_INPUT, AUGMENTER_INPUT
 from ftz_edge.vision import FtZVision
 
 OPSET = 18
-INPUT_ANCHOR, INPUT_AUGMENTER, OUTPUT = "anchor_pixels", "augmenter_pixels", "image_embeds"
+INPUT_ANCHOR, INPUT_AUGMENTER, OUTPUT = ANCHOR_INPUT, AUGMENTER_INPUT, "image_embeds"
 
 
 class _VisionGraph(nn.Module):

@@ -5,4 +5,9 @@ preprocessing and prompt modules through it, and must never pull in torch or tra
 Import the model pieces from their modules (``ftz_edge.tower``, ``ftz_edge.mllm``, ...).
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+# The shipped default model (trained by ftz_edge.training.default_model); everything defaults to it.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ftz_edge import encoders, prompt
 from ftz_edge.config import FtZConfig
-from ftz_edge.preprocess import ImageProcessorSpec, load_image, preprocess_batch
+from ftz_edge.preprocess import ANCHOR_INPUT, AUGMENTER_INPUT, ImageProcessorSpec, encoder_pixels
 from ftz_edge.vision import FtZVision
 
 IGNORE_INDEX = -100
@@ -81,10 +81,9 @@ class FtZForCausalLM(nn.Module):
 
     def preprocess_images(self, images: Sequence) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """PIL images or paths -> (anchor_pixels, augmenter_pixels) with the shared preprocessing."""
-        loaded = [load_image(image) for image in images]
-        anchor = torch.from_numpy(preprocess_batch(loaded, self.anchor_spec))
-        augmenter = torch.from_numpy(preprocess_batch(loaded, self.augmenter_spec)) if self.augmenter_spec else None
-        return anchor, augmenter
+        pixels = encoder_pixels(images, self.anchor_spec, self.augmenter_spec)
+        augmenter = pixels.get(AUGMENTER_INPUT)
+        return torch.from_numpy(pixels[ANCHOR_INPUT]), None if augmenter is None else torch.from_numpy(augmenter)
 
     # -- the splice -------------------------------------------------------------------------
     def build_inputs(

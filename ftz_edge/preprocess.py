@@ -34,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS",
     "ImageLoadError", "ImageProcessorSpec", "clip_spec", "dinov2_spec",
-    "load_image", "preprocess", "preprocess_batch",
+    "load_image", "preprocess", "preprocess_batch", "encoder_pixels", "ANCHOR_INPUT", "AUGMENTER_INPUT",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -377,6 +377,20 @@ def preprocess(image: ImageSource, spec: ImageProcessorSpec) -> np.ndarray:
     x = (a.astype(np.float64) * spec.rescale_factor).astype(np.float32)
     x = (x - np.asarray(spec.image_mean, np.float32)) / np.asarray(spec.image_std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+ANCHOR_INPUT, AUGMENTER_INPUT = "anchor_pixels", "augmenter_pixels"
+
+
+def encoder_pixels(images: Iterable[ImageSource], anchor_spec: ImageProcessorSpec,
+                   augmenter_spec: Optional[ImageProcessorSpec]) -> Dict[str, np.ndarray]:
+    """Images -> the vision graph's inputs by name: CLIP pixels, and DINOv2 pixels when the tower
+    has an augmenter (``augmenter_spec`` given). Each image is decoded once for both encoders."""
+    loaded = [load_image(image) for image in images]
+    pixels = {ANCHOR_INPUT: preprocess_batch(loaded, anchor_spec)}
+    if augmenter_spec is not None:
+        pixels[AUGMENTER_INPUT] = preprocess_batch(loaded, augmenter_spec)
+    return pixels
 
 
 def preprocess_batch(images: Iterable[ImageSource], spec: ImageProcessorSpec) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import List, Optional
 import ftz_edge
 from ftz_edge.manifest import BundleError
 
-DEFAULT_MODEL = Path(ftz_edge.__file__).resolve().parent / "default_model"
+DEFAULT_MODEL = ftz_edge.DEFAULT_MODEL
 
 
 def default_bundle_path() -> Path:

@@ -16,12 +16,10 @@ import numpy as np
 
 from ftz_edge import prompt
 from ftz_edge.manifest import read_manifest
-from ftz_edge.preprocess import ImageProcessorSpec, load_image, preprocess_batch
+from ftz_edge.preprocess import ImageProcessorSpec, encoder_pixels
 from ftz_edge.runtime.decoder import OnnxDecoder
 from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
 from ftz_edge.runtime.vision import OrtVision, TensorRTVision, choose_providers
-
-ANCHOR_INPUT, AUGMENTER_INPUT = "anchor_pixels", "augmenter_pixels"
 
 
 class ContextLengthError(ValueError):
@@ -124,11 +122,7 @@ class FtZRuntime:
 
     # -- pieces ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> Dict[str, np.ndarray]:
-        loaded = [load_image(image) for image in images]
-        pixels = {ANCHOR_INPUT: preprocess_batch(loaded, self.anchor_spec)}
-        if self.augmenter_spec is not None:
-            pixels[AUGMENTER_INPUT] = preprocess_batch(loaded, self.augmenter_spec)
-        return pixels
+        return encoder_pixels(images, self.anchor_spec, self.augmenter_spec)
 
     def encode_prompt(self, messages: Sequence[dict]) -> List[int]:
         text = prompt.render_chat(messages, self.prompt_spec["chat_template"],

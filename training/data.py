@@ -24,7 +24,7 @@ from PIL import Image
 
 from ftz_edge import prompt
 from ftz_edge.mllm import IGNORE_INDEX
-from ftz_edge.preprocess import load_image, preprocess_batch
+from ftz_edge.preprocess import encoder_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Collator:
         self.augmenter_spec = augmenter_spec
 
     def __call__(self, items: list[dict]) -> dict:
-        images = [load_image(item["image"]) for item in items if item["image"] is not None]
+        images = [item["image"] for item in items if item["image"] is not None]
         batch = {
             "input_ids": [item["input_ids"] for item in items],
             "labels": [item["labels"] for item in items],
@@ -173,7 +173,6 @@ class Collator:
             "augmenter_pixels": None,
         }
         if images:
-            batch["anchor_pixels"] = torch.from_numpy(preprocess_batch(images, self.anchor_spec))
-            if self.augmenter_spec is not None:
-                batch["augmenter_pixels"] = torch.from_numpy(preprocess_batch(images, self.augmenter_spec))
+            for name, pixels in encoder_pixels(images, self.anchor_spec, self.augmenter_spec).items():
+                batch[name] = torch.from_numpy(pixels)
         return batch

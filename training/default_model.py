@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionModel, Dinov2Model
 
-from ftz_edge import tiny
+from ftz_edge import DEFAULT_MODEL, tiny
 from ftz_edge.checkpoint import load_checkpoint
 from ftz_edge.config import FtZConfig, TowerConfig
 from ftz_edge.preprocess import clip_spec, dinov2_spec
@@ -42,7 +42,7 @@ from ftz_edge.training.recipe import TrainConfig
 from ftz_edge.training.train import train
 
 CALIBRATION_IMAGES = 32
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
+DEFAULT_OUT = DEFAULT_MODEL
 
 
 def build_components(folder: Path, seed: int, encoder_steps: int) -> tuple[dict[str, str], dict]:

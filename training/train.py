@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ftz_edge.atomic import replace_folder
 from ftz_edge.checkpoint import load_checkpoint, save_checkpoint
 from ftz_edge.config import FtZConfig
 from ftz_edge.mllm import FtZForCausalLM
@@ -236,9 +236,7 @@ def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: Traine
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"))[: -cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -50,23 +50,18 @@ def _tiny_report(workdir: str) -> None:
               f"{projector:>9,} {count_parameters(model.llm):>8,}")
 
 
-def default_model_path():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent.parent / "default_model"
-
-
 def _default_model_report() -> None:
     import json
 
     import torch
     from transformers.utils import logging
 
+    from ftz_edge import DEFAULT_MODEL
     from ftz_edge.checkpoint import load_checkpoint
     from ftz_edge.sizes import count_parameters
 
     logging.disable_progress_bar()
-    folder = default_model_path()
+    folder = DEFAULT_MODEL
     model = load_checkpoint(folder).eval()
     vision = model.vision
     examples = json.loads((folder / "examples" / "examples.json").read_text())
