@@ -16,12 +16,12 @@ failed export never leaves a folder that looks valid.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,8 @@ from typing import Optional
 import numpy as np
 
 from ftz_edge import DEFAULT_MODEL
-from ftz_edge.atomic import atomic_folder
-from ftz_edge.manifest import write_manifest
+from ftz_edge.atomic import DestinationError, atomic_folder, check_destination, work_folder
+from ftz_edge.manifest import check_replaceable, write_manifest
 from ftz_edge.preprocess import ImageLoadError, encoder_pixels, load_image
 
 logger = logging.getLogger("ftz_edge.export")
@@ -54,7 +54,14 @@ class ExportOptions:
     calib_images: Optional[str] = None  # default: the shipped default model's calibration images
     calib_method: str = "minmax"  # minmax | entropy | percentile (entropy was unstable on ViTs here: README)
     max_calib_images: int = 64
-    sensitivity: bool = True
+    # Parity against PyTorch runs on the first N calibration images (batch 1 and batch N): enough
+    # to catch a broken graph, and bounded at the paper's size, where each image through the
+    # PyTorch fp32 tower and every ONNX form costs seconds on a small CPU.
+    validation_images: int = 8
+    # Per-block INT8 sensitivity report: "blocks" (one row per layer / module), "kinds" (one row
+    # per kind of block: coarse and ~8x cheaper), "off", or "auto": blocks for graphs under
+    # protobuf's 2 GB, off above (each row re-quantizes the whole graph: ~1 h for the paper-size tower).
+    sensitivity: str = "auto"
     # The FtZ fusion modules stay in FP16 by default: on the shipped model they were the blocks
     # INT8 hurt most (reports/int8_sensitivity.md), and they are a small share of the FLOPs.
     int8_quantize_fusion: bool = False
@@ -67,9 +74,13 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         for name, allowed in (("engine", ("onnx", "trt", "auto")), ("precision", ("fp32", "fp16", "int8")),
-                              ("calib_method", ("minmax", "entropy", "percentile"))):
+                              ("calib_method", ("minmax", "entropy", "percentile")),
+                              ("sensitivity", ("auto", "blocks", "kinds", "off"))):
             if getattr(self, name) not in allowed:
                 raise ExportError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("max_calib_images", "validation_images"):
+            if getattr(self, name) < 1:
+                raise ExportError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 def calibration_images(folder: Optional[str], limit: int) -> list[Path]:
@@ -96,9 +107,12 @@ def _pixels(model, images: list[Path]) -> dict[str, np.ndarray]:
 
 
 def _check_writable(out: Path) -> None:
-    # Only a previous bundle may be replaced: never a user's folder that happens to be named.
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise ExportError(f"{out} exists and is not an ftz bundle; choose another --out or remove it")
+    # Only a previous bundle may be replaced (its manifest parses and it holds nothing else), never
+    # a user's folder that happens to hold a manifest.json; a mount point cannot be renamed onto.
+    try:
+        check_destination(out, check_replaceable, "an ftz bundle")
+    except DestinationError as err:
+        raise ExportError(str(err)) from None
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +151,49 @@ def _tool_versions() -> dict[str, Optional[str]]:
     return versions
 
 
+class _Stages:
+    """Progress of the export's long stages, one line each (``[3/7] FP16 conversion ... 53 s``),
+    and the stage's name on any failure inside it: the user reads *where* an export failed in
+    one line (``ExportError``), not in a traceback."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        number = self.names.index(name) + 1
+        logger.info("[%d/%d] %s ...", number, len(self.names), name)
+        started = time.perf_counter()
+        try:
+            yield
+        except (ExportError, KeyboardInterrupt):
+            raise
+        except MemoryError:
+            raise ExportError(f"{name}: out of memory ({_peak_rss_gb():.1f} GB peak RSS); close other programs "
+                              "or export on a machine with more RAM") from None
+        except OSError as err:
+            raise ExportError(f"{name}: {err.strerror or err} ({err.filename or 'no file'}); check disk space and "
+                              "permissions") from None
+        except Exception as err:  # noqa: BLE001 - every library failure becomes one line naming the stage
+            if os.environ.get("FTZ_DEBUG"):
+                raise
+            first_line = (str(err).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"{name} failed: {type(err).__name__}: {first_line} "
+                              "(nothing was written; FTZ_DEBUG=1 shows the traceback)") from None
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        logger.info("[%d/%d] %s done in %.0f s (peak RSS %.1f GB)", number, len(self.names), name,
+                    self.seconds[name], _peak_rss_gb())
+
+
+def _peak_rss_gb() -> float:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
+
+
 def export_bundle(options: ExportOptions) -> Path:
     # Heavy imports here, so `ftz-export --help` is quick.
     import onnx
@@ -145,7 +202,7 @@ def export_bundle(options: ExportOptions) -> Path:
     from ftz_edge.encoders import ComponentLoadError
     from ftz_edge.export import llm as llm_export
     from ftz_edge.export import onnx_io, quantize, tensorrt
-    from ftz_edge.export.validate import ValidationReport, validate_llm, validate_vision
+    from ftz_edge.export.validate import VISION_TARGETS, ValidationReport, validate_llm, validate_vision
     from ftz_edge.export.vision import export_vision, input_shapes, layers_in_graph
     from ftz_edge.runtime.decoder import OnnxDecoder
 
@@ -168,51 +225,80 @@ def export_bundle(options: ExportOptions) -> Path:
     report = ValidationReport()
     started = time.perf_counter()
 
-    with atomic_folder(out) as bundle, tempfile.TemporaryDirectory(prefix="ftz-export-") as work:
-        work = Path(work)
+    stage = _Stages(["tower export (fp32 ONNX)", {"fp32": "tower copy", "fp16": "FP16 conversion",
+                                                  "int8": "INT8 calibration and quantization"}[options.precision],
+                     *(["INT8 sensitivity report"] if options.precision == "int8" else []), "tower validation",
+                     *(["TensorRT engine build and check"] if engine == "trt" else []),
+                     f"LLM build ({options.llm_precision}, {llm_provider})", "LLM validation"])
+    with atomic_folder(out, check_replaceable, "an ftz bundle") as bundle, work_folder("ftz-export-") as work:
         (bundle / "vision").mkdir()
         (bundle / "reports").mkdir()
         shapes = input_shapes(model.vision, model.anchor_spec, model.augmenter_spec)
-        fp32_path = export_vision(model.vision, shapes, work / "vision.fp32.onnx")
-        present = layers_in_graph(onnx.load(str(fp32_path)))
+        with stage("tower export (fp32 ONNX)"):
+            fp32_path = export_vision(model.vision, shapes, work / "vision.fp32.onnx")
+            present = layers_in_graph(onnx.load(str(fp32_path), load_external_data=False))
         vision_path = bundle / "vision" / "vision.onnx"
         precision_info: dict = {}
         if options.precision == "fp32":
-            onnx_io.copy(fp32_path, vision_path)  # with its weights file, when it has one
+            with stage("tower copy"):
+                onnx_io.copy(fp32_path, vision_path)  # with its weights file, when it has one
         elif options.precision == "fp16":
-            precision_info = quantize.convert_fp16(fp32_path, vision_path)
+            with stage("FP16 conversion"):
+                precision_info = quantize.convert_fp16(fp32_path, vision_path)
         else:
             calibration = [{k: v[i:i + 1] for k, v in pixels.items()} for i in range(len(images))]
             policy = quantize.MixedPrecisionPolicy(keep_fusion=not options.int8_quantize_fusion)
-            precision_info = quantize.quantize_int8(fp32_path, vision_path, calibration, method=options.calib_method,
-                                                    policy=policy)
-            if options.sensitivity:
-                rows = quantize.sensitivity_report(fp32_path, calibration, calibration, policy=policy)
-                (bundle / "reports" / "int8_sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
-                (bundle / "reports" / "int8_sensitivity.md").write_text(quantize.format_sensitivity(rows) + "\n")
-        validate_vision(vision_path, model.vision, pixels, options.precision, report)
+            with stage("INT8 calibration and quantization"):
+                precision_info = quantize.quantize_int8(fp32_path, vision_path, calibration,
+                                                        method=options.calib_method, policy=policy)
+            with stage("INT8 sensitivity report"):
+                granularity = options.sensitivity
+                if granularity == "auto":
+                    granularity = "off" if onnx_io.is_large(onnx_io.total_bytes(fp32_path)) else "blocks"
+                    if granularity == "off":
+                        logger.info("skipped for a graph over 2 GB (it re-quantizes the graph once per block); "
+                                    "--sensitivity kinds gives a coarse one")
+                if granularity != "off":
+                    rows = quantize.sensitivity_report(fp32_path, calibration, calibration[:options.validation_images],
+                                                       policy=policy, granularity=granularity)
+                    (bundle / "reports" / "int8_sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
+                    (bundle / "reports" / "int8_sensitivity.md").write_text(quantize.format_sensitivity(rows) + "\n")
+        with stage("tower validation"):
+            checked = {name: value[:options.validation_images] for name, value in pixels.items()}
+            validate_vision(vision_path, model.vision, checked, options.precision, report)
 
         engine_entry = None
         if engine == "trt":
-            spec = tensorrt.EngineBuildSpec(
-                onnx_path=vision_path, engine_path=bundle / "vision" / "vision.engine", precision=options.precision,
-                input_shapes=shapes, batch_min=options.batch_min, batch_opt=options.batch_opt, batch_max=options.batch_max,
-                workspace_bytes=int(options.workspace_gb * (1 << 30)),
-                timing_cache_path=Path(options.timing_cache) if options.timing_cache else None,
-            )
-            record = tensorrt.build_engine(spec)
-            engine_entry = {"file": "vision/vision.engine", "record": record.to_dict()}
-            report.warnings.append("the TensorRT engine itself is not validated by ftz-export yet; its ONNX is")
+            with stage("TensorRT engine build and check"):
+                spec = tensorrt.EngineBuildSpec(
+                    onnx_path=vision_path, engine_path=bundle / "vision" / "vision.engine", precision=options.precision,
+                    input_shapes=shapes, batch_min=options.batch_min, batch_opt=options.batch_opt,
+                    batch_max=options.batch_max, workspace_bytes=int(options.workspace_gb * (1 << 30)),
+                    timing_cache_path=Path(options.timing_cache) if options.timing_cache else None,
+                )
+                record = tensorrt.build_engine(spec)
+                engine_entry = {"file": "vision/vision.engine", "record": record.to_dict()}
+                # The engine itself, against onnxruntime fp32 on the same images: TensorRT 10.3
+                # (JetPack 6) has given wrong FP16 ViT results (NVIDIA/TensorRT#4419, #4330).
+                row = tensorrt.check_engine(spec.engine_path, fp32_path, checked, options.precision,
+                                            target=VISION_TARGETS[options.precision])
+                report.vision.append(row)
+                if row["ok"] is False:
+                    report.warnings.append(f"TensorRT engine: cosine {row['cosine']:.6f} against onnxruntime fp32 is "
+                                           f"below the {options.precision} target {row['target']}")
 
-        llm_info = llm_export.export_llm(model, bundle / "llm", options.llm_precision, llm_provider)
+        with stage(f"LLM build ({options.llm_precision}, {llm_provider})"):
+            llm_info = llm_export.export_llm(model, bundle / "llm", options.llm_precision, llm_provider)
         eos_ids = _eos_token_ids(model)
-        if llm_provider == "cpu":
-            decoder = OnnxDecoder(bundle / "llm")
-            validate_llm(decoder, model, images[0], options.llm_precision, report, eos_ids)
-            del decoder
-        else:
-            report.llm = {"precision": options.llm_precision, "skipped": f"built for the {llm_provider} provider, which this export cannot run: not validated "
-                                                                 "(check it on the device: ftz-doctor --bundle)"}
+        with stage("LLM validation"):
+            if llm_provider == "cpu":
+                decoder = OnnxDecoder(bundle / "llm")
+                validate_llm(decoder, model, images[0], options.llm_precision, report, eos_ids)
+                del decoder
+            else:
+                report.llm = {"precision": options.llm_precision,
+                              "skipped": f"built for the {llm_provider} provider, which this export cannot run: not "
+                                         "validated (check it on the device: ftz-doctor --bundle)"}
 
         (bundle / "reports" / "validation.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         (bundle / "reports" / "validation.md").write_text(report.table() + "\n")
@@ -242,6 +328,7 @@ def export_bundle(options: ExportOptions) -> Path:
             "provenance": {"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
                            "tools": _tool_versions(), "options": dataclasses.asdict(options),
                            "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),
+                           "stage_seconds": stage.seconds, "peak_rss_gb": round(_peak_rss_gb(), 2),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "validation": {"file": "reports/validation.json", "passed": report.passed},
         })
@@ -261,7 +348,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--calib-images", help="folder of real images for INT8 calibration and validation")
     parser.add_argument("--calib-method", default=defaults.calib_method, choices=("minmax", "entropy", "percentile"))
     parser.add_argument("--max-calib-images", type=int, default=defaults.max_calib_images)
-    parser.add_argument("--no-sensitivity", action="store_true", help="skip the per-block INT8 sensitivity report")
+    parser.add_argument("--validation-images", type=int, default=defaults.validation_images,
+                        help="calibration images the parity checks run on (batch 1 and batch N)")
+    parser.add_argument("--sensitivity", default=defaults.sensitivity, choices=("auto", "blocks", "kinds", "off"),
+                        help="INT8 sensitivity report: per block, per kind of block, off; auto: blocks under 2 GB, off above")
+    parser.add_argument("--no-sensitivity", action="store_true", help="same as --sensitivity off")
     parser.add_argument("--int8-quantize-fusion", action="store_true",
                         help="quantize the FtZ fusion modules too (default: they stay in FP16)")
     parser.add_argument("--batch-min", type=int, default=defaults.batch_min)
@@ -278,7 +369,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         options = ExportOptions(
             checkpoint=args.checkpoint, out=args.out, engine=args.engine, precision=args.precision,
             llm_precision=args.llm_precision, llm_provider=args.llm_provider, calib_images=args.calib_images,
-            calib_method=args.calib_method, max_calib_images=args.max_calib_images, sensitivity=not args.no_sensitivity,
+            calib_method=args.calib_method, max_calib_images=args.max_calib_images,
+            validation_images=args.validation_images, sensitivity="off" if args.no_sensitivity else args.sensitivity,
             int8_quantize_fusion=args.int8_quantize_fusion,
             batch_min=args.batch_min, batch_opt=args.batch_opt, batch_max=args.batch_max, workspace_gb=args.workspace_gb,
             timing_cache=args.timing_cache, strict=args.strict,
@@ -291,9 +383,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(err, (ExportError, TensorRTUnavailable, EngineBuildError, LlmExportError, ValueError)):
             print(f"ftz-export: error: {err}", file=sys.stderr)
             return 2
-        raise
+        if os.environ.get("FTZ_DEBUG"):
+            raise
+        print(f"ftz-export: internal error: {type(err).__name__}: {err} (nothing was written; FTZ_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ftz-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(summary(out))
     print(f"wrote bundle {out}")
     return 0
+
+
+def summary(bundle: Path) -> str:
+    """The bundle at a glance: each part's precision, files and size, and the validation verdict."""
+    from ftz_edge.manifest import read_manifest
+
+    manifest = read_manifest(bundle, verify=False)
+    sizes: dict[str, int] = {}
+    for relative, entry in manifest["files"].items():
+        part = relative.split("/", 1)[0] if "/" in relative else "."
+        sizes[part] = sizes.get(part, 0) + entry["bytes"]
+    vision, llm = manifest["vision"], manifest["llm"]
+    rows = [("vision", f"{vision['precision']} ({vision['engine']})", sizes.get("vision", 0)),
+            ("llm", f"{llm['precision']} ({llm['execution_provider']})", sizes.get("llm", 0)),
+            ("reports", "", sizes.get("reports", 0))]
+    lines = ["| part | precision | size |", "|---|---|---:|"]
+    lines += [f"| {name} | {what} | {size / 1e6:,.1f} MB |" for name, what, size in rows]
+    lines.append(f"| total | validation {'passed' if manifest['validation']['passed'] else 'has warnings'} | "
+                 f"{sum(sizes.values()) / 1e6:,.1f} MB |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

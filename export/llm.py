@@ -3,7 +3,10 @@ tokenizer.
 
 The decoder is built by ONNX Runtime GenAI's model builder (``exclude_embeds=true`` makes it take
 ``inputs_embeds``), which also does the weight-only INT4 / INT8 quantisation (MatMulNBits,
-block-wise). We do not hand-write an exporter for what it already does. The embedding table is
+block-wise). We do not hand-write an exporter for what it already does. Two graph passes then
+adapt its graph to the device (``build_decoder``): the LM head runs on the last position only,
+and GroupQueryAttention loses its trailing empty inputs so that JetPack 6's onnxruntime 1.22
+loads it. Every decoder written has loaded in an onnxruntime session. The embedding table is
 saved separately (``embed_tokens.npy``) for the runtime to look text tokens up.
 """
 
@@ -17,8 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-# What the builder can make (its own table), per precision: the execution providers allowed.
-BUILDER_TARGETS = {"fp32": ("cpu", "cuda"), "fp16": ("cuda",), "int8": ("cpu", "cuda"), "int4": ("cpu", "cuda")}
+# What the builder can make, per precision: the execution providers allowed. Its own table also
+# lists fp32 for cuda, but that graph does not load in onnxruntime ("Graph output (present.0.key)
+# does not exist", onnxruntime-genai 0.18), so it is refused here.
+BUILDER_TARGETS = {"fp32": ("cpu",), "fp16": ("cuda",), "int8": ("cpu", "cuda"), "int4": ("cpu", "cuda")}
+
+# The oldest onnxruntime the decoder loads in once its GroupQueryAttention inputs are trimmed
+# (JetPack 6's onnxruntime-gpu wheels start at 1.22; CI runs the runtime on 1.22.1:
+# tests/test_device_py310.py). A GQA node that really uses 12 inputs (head_sink) needs 1.23.
+MIN_ONNXRUNTIME = "1.22"
+GQA_MAX_INPUTS_1_22 = 11
+# Targets the builder makes but onnxruntime cannot load, and why (check_target says so).
+UNLOADABLE = {("fp32", "cuda"): "its fp32 graph for CUDA does not load in onnxruntime"}
+LM_HEAD_OPS = ("MatMul", "MatMulNBits")  # fp32/fp16: MatMul; int4/int8: MatMulNBits (block-wise weights)
 
 
 class LlmExportError(RuntimeError):
@@ -33,8 +47,9 @@ def check_target(precision: str, provider: str) -> None:
     if precision not in BUILDER_TARGETS:
         raise ValueError(f"LLM precision must be one of {sorted(BUILDER_TARGETS)}, got {precision!r}")
     if provider not in BUILDER_TARGETS[precision]:
+        why = UNLOADABLE.get((precision, provider), "ONNX Runtime GenAI's model builder")
         raise ValueError(f"LLM precision {precision} can be built for {', '.join(BUILDER_TARGETS[precision])}, "
-                         f"not {provider} (ONNX Runtime GenAI's model builder)")
+                         f"not {provider} ({why})")
 
 
 def embeddings_dtype(precision: str):
@@ -55,40 +70,135 @@ def run_builder(hf_folder: Path, out: Path, precision: str, provider: str) -> No
         raise LlmExportError(f"ONNX Runtime GenAI's model builder failed ({' '.join(command[1:4])} ...):\n{tail}")
 
 
-def keep_last_position_logits(path: Path) -> None:
-    """Make the decoder's ``logits`` output the last position's only: (B, 1, vocab).
+def _producers(graph) -> dict:
+    return {name: node for node in graph.node for name in node.output}
 
-    The builder's graph returns logits for every prompt position, and a prefill of 576 image
-    tokens + text with Qwen2.5's 151,936-token vocabulary makes that ~370 MB, allocated on the
-    device and copied to the host, of which generation reads one row. A Slice on the output
-    keeps the row it reads (the runtime's ``[:, -1]`` is unchanged). ONNX Runtime still computes
-    the full projection; what goes is the memory and the copy.
+
+def lm_head_on_last_position(model) -> None:
+    """Make the LM head project the last position's hidden state only; ``logits`` becomes (B, 1, vocab).
+
+    The builder's graph projects every prompt position (a 151,936 x 896 MatMul per position for
+    Qwen2.5-0.5B: about a quarter of a 600-token prefill) and generation reads the last row. A
+    Gather of the last position goes in front of the head's MatMul (MatMul or MatMulNBits; the
+    final norm before it is per position, so gathering after it is exact). The runtime's
+    ``[:, -1]`` is unchanged. Raises LlmExportError when ``logits`` do not come from such a head.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
-    from ftz_edge.export import onnx_io
-
-    model = onnx.load(str(path))
     graph = model.graph
     output = next((o for o in graph.output if o.name == "logits"), None)
-    producer = next((n for n in graph.node if "logits" in n.output), None)
-    if output is None or producer is None:
-        raise LlmExportError(f"{path}: the builder's graph has no 'logits' output to trim")
-    full = "logits_all_positions"
-    producer.output[list(producer.output).index("logits")] = full
-    constants = {"logits_slice_starts": [-1], "logits_slice_ends": [np.iinfo(np.int64).max], "logits_slice_axes": [1]}
-    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), name) for name, v in constants.items())
-    graph.node.append(helper.make_node("Slice", [full, *constants], ["logits"], name="keep_last_position_logits"))
+    producers = _producers(graph)
+    if output is None or "logits" not in producers:
+        raise LlmExportError("the builder's graph has no 'logits' output")
+    # Walk back over dtype casts to the head: the tensors on the way change shape with it.
+    path, head = ["logits"], producers["logits"]
+    while head.op_type in ("Cast", "Identity") and head.input[0] in producers:
+        path.append(head.input[0])
+        head = producers[head.input[0]]
+    if head.op_type not in LM_HEAD_OPS:
+        raise LlmExportError(f"the builder's 'logits' come from a {head.op_type} node ({head.name}), "
+                             f"not an LM head ({' or '.join(LM_HEAD_OPS)}); export/llm.py needs updating")
+    hidden, last = head.input[0], head.input[0] + "/last_position"
+    index = "lm_head_last_position_index"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), index))
+    graph.node.insert(list(graph.node).index(head),
+                      helper.make_node("Gather", [hidden, index], [last], name="/lm_head/last_position", axis=1))
+    head.input[0] = last
+    # Shapes recorded for the path (sequence_length on axis 1) no longer hold: drop them.
+    stale = [v for v in graph.value_info if v.name in path]
+    for value in stale:
+        graph.value_info.remove(value)
     position = output.type.tensor_type.shape.dim[1]
     position.Clear()
     position.dim_value = 1
-    onnx_io.save(model, path)
+
+
+def trim_attention_inputs(model) -> int:
+    """Drop the trailing empty inputs of every GroupQueryAttention node; returns how many nodes changed.
+
+    The builder writes all 12 of GQA's inputs, the optional ones as "" (onnxruntime 1.23's
+    schema). onnxruntime 1.22 allows 7-11 and refuses the graph ("input size 12 not in range
+    [min=7, max=11]"); an omitted trailing optional input means the same as an empty one.
+    """
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        inputs = list(node.input)
+        while inputs and inputs[-1] == "":
+            inputs.pop()
+        if len(inputs) != len(node.input):
+            del node.input[len(inputs):]
+            changed += 1
+    return changed
+
+
+def min_onnxruntime(model) -> str:
+    """The oldest onnxruntime whose GroupQueryAttention schema takes this graph's nodes."""
+    widest = max((len(n.input) for n in model.graph.node if n.op_type == "GroupQueryAttention"), default=0)
+    return MIN_ONNXRUNTIME if widest <= GQA_MAX_INPUTS_1_22 else "1.23"
+
+
+def adapt_graph(path: Path) -> str:
+    """Apply the graph passes to the decoder at ``path`` in place; returns the minimum onnxruntime.
+
+    The weights stay in the builder's external data file (loaded neither here nor rewritten), so
+    a decoder of any size costs only its graph's memory.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    lm_head_on_last_position(model)
+    trim_attention_inputs(model)
+    needed = min_onnxruntime(model)
+    onnx.save(model, str(path))
+    return needed
+
+
+def check_loads(path: Path, precision: str, provider: str) -> str:
+    """Open the decoder in an onnxruntime CPU session (the CPU build also loads fp16 and int4
+    graphs built for CUDA); returns onnxruntime's version. Raises LlmExportError in one line."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types: all mean "does not load"
+        reason = " ".join(str(err).split())[-300:]
+        raise LlmExportError(f"the {precision} decoder built for {provider} does not load in onnxruntime "
+                             f"{ort.__version__}: {reason}") from None
+    return ort.__version__
+
+
+def finish_decoder(out: Path, precision: str, provider: str) -> dict:
+    """The builder's decoder in ``out`` made the one a bundle ships: the graph passes, then the
+    load check. Returns what the manifest records about it (versions, minimum onnxruntime)."""
+    from importlib import metadata
+
+    needed = adapt_graph(Path(out) / "model.onnx")
+    loaded_with = check_loads(Path(out) / "model.onnx", precision, provider)
+    return {
+        "builder": "onnxruntime_genai.models.builder (exclude_embeds=true)",
+        "builder_version": metadata.version("onnxruntime-genai"),
+        "onnxruntime_version": loaded_with,
+        "min_onnxruntime": needed,
+        "lm_head": "last position only",
+    }
+
+
+def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str) -> dict:
+    """The decoder a bundle ships, from a Hugging Face folder (ftz-export and ftz-bench): the
+    builder, then ``finish_decoder``. Raises ValueError for a target refused by check_target,
+    LlmExportError when the builder fails or its graph does not load."""
+    check_target(precision, provider)
+    run_builder(hf_folder, out, precision, provider)
+    return finish_decoder(out, precision, provider)
 
 
 def export_llm(model, out: Path, precision: str, provider: str) -> dict:
-    """Build ``out/model.onnx`` (+ ``genai_config.json``), ``out/embed_tokens.npy`` and
-    ``out/tokenizer.json`` from the model's (possibly fine-tuned) LLM."""
+    """Build ``out/model.onnx`` (+ its weights file and ``genai_config.json``), ``out/embed_tokens.npy``
+    and ``out/tokenizer.json`` from the model's (possibly fine-tuned) LLM; returns the manifest's
+    ``llm`` entry. Raises ValueError for a target the builder cannot make, LlmExportError when the
+    builder fails or its decoder does not load."""
     check_target(precision, provider)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ftz-llm-") as work:
@@ -96,8 +206,7 @@ def export_llm(model, out: Path, precision: str, provider: str) -> dict:
         # The builder reads a Hugging Face folder: write the LLM as the model holds it (trained or not).
         model.llm.save_pretrained(hf_folder)
         model.tokenizer.save_pretrained(hf_folder)
-        run_builder(hf_folder, out, precision, provider)
-    keep_last_position_logits(out / "model.onnx")
+        graph_info = build_decoder(hf_folder, out, precision, provider)
     table = model.llm.get_input_embeddings().weight.detach().float().cpu().numpy()
     table_dtype = embeddings_dtype(precision)
     np.save(out / "embed_tokens.npy", table.astype(table_dtype))
@@ -115,7 +224,7 @@ def export_llm(model, out: Path, precision: str, provider: str) -> dict:
         "tokenizer": "tokenizer.json",
         "precision": precision,
         "execution_provider": provider,
-        "builder": "onnxruntime_genai.models.builder (exclude_embeds=true)",
+        **graph_info,
         "hidden_size": genai["decoder"]["hidden_size"],
         "num_layers": genai["decoder"]["num_hidden_layers"],
         "num_kv_heads": genai["decoder"]["num_key_value_heads"],

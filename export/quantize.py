@@ -58,7 +58,8 @@ DEFAULT_FP32_OPS: tuple[str, ...] = ("LayerNormalization", "ReduceMean", "Pow", 
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    """The graph's structure (nodes, initializer names); a large graph's weights stay on disk."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
 def _fp16_converter():
@@ -88,6 +89,21 @@ def cpu_session(model: ModelLike, threads: int = 1, optimize: bool = False):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def load_with_inferred_shapes(path: Path) -> onnx.ModelProto:
+    """``path`` loaded with ONNX shape/type inference applied, for graphs of any size:
+    ``infer_shapes_path`` works file to file (the in-memory ``infer_shapes`` cannot pass
+    protobuf's 2 GB), and writing its result beside ``path`` keeps the external weights'
+    relative location valid."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="ftz-infer-") as work:
+        inferred = Path(work) / path.name
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+    # The inferred copy names the weights relative to the original graph: read them from there.
+    onnx.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
 def _fix_initializer_value_info(model: onnx.ModelProto) -> int:
     """Drop value_info entries that contradict their initializer's type.
 
@@ -113,10 +129,14 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_op_types: Sequence[str] = DEFAU
     """
     convert, ort_defaults = _fp16_converter()
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
+    # The converter's own type inference is in memory (protobuf's 2 GB limit: the paper-size fp32
+    # tower is 2.4 GB), so infer from the file, beside it (its weights file resolves), and
+    # convert with inference off.
+    model = load_with_inferred_shapes(src)
     ops = Counter(node.op_type for node in model.graph.node)
     block = list(dict.fromkeys([*keep_fp32_op_types, *ort_defaults]))
-    half = convert(model, keep_io_types=True, op_block_list=block)
+    half = convert(model, keep_io_types=True, op_block_list=block, disable_shape_infer=True)
+    del model
     stale = _fix_initializer_value_info(half)
     if check:  # in memory, before saving (a large model's weights leave it as it is saved)
         if not onnx_io.is_large(onnx_io.weight_bytes(half)):
@@ -451,6 +471,9 @@ DEFAULT_CALIBRATOR_OPTIONS: dict[str, dict] = {
 }
 
 
+CALIBRATION_CHUNK = 2  # samples per calibrator call (see _calibrate)
+
+
 def _calibrate(prepared: Path, samples: list[dict], method: str, options: dict, cache: Path, large: bool = False) -> None:
     """Run ORT's calibrator for ``method`` and write its ranges to ``cache`` (ORT's JSON format)."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -460,7 +483,12 @@ def _calibrate(prepared: Path, samples: list[dict], method: str, options: dict, 
             Path(prepared), list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(work) / "augmented.onnx"),
             calibrate_method=_calibration_method(method), extra_options=options, use_external_data_format=large,
         )
-        calibrator.collect_data(_data_reader(samples))
+        # A few samples per call: ORT's histogram calibrators hold every calibrated tensor of
+        # every sample of a call in memory (~1.3 GB per image for the paper-size tower, where all
+        # 32 shipped images at once exceeded a 24 GB machine); the ranges / histograms merge
+        # across calls.
+        for start in range(0, len(samples), CALIBRATION_CHUNK):
+            calibrator.collect_data(_data_reader(samples[start:start + CALIBRATION_CHUNK]))
         ranges = calibrator.compute_data()
         del calibrator
     save_tensors_data(ranges, cache)
@@ -483,6 +511,7 @@ def _quantize(prepared: Path, dst: Path, method: str, exclude: list[str], per_ch
         "WeightSymmetric": True,
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # (in, out) weights: a scale per output column
         "DedicatedQDQPair": True,      # one Q/DQ per quantized reader (see _restore_float_consumers)
+        "QuantizeBias": False,         # no int32 bias DequantizeLinear: TensorRT's parser does not take one
     }
     kwargs = {}
     if cache is not None:
@@ -530,8 +559,14 @@ def quantize_int8(
     policy: MixedPrecisionPolicy = MixedPrecisionPolicy(),
     per_channel: bool = True,
     calibrator_options: Optional[dict] = None,
+    fp16_high_precision: bool = True,
 ) -> dict:
     """INT8 QDQ copy of ``src`` at ``dst``, calibrated on ``calibration`` (graph-input dicts).
+
+    With ``fp16_high_precision`` (default) everything left unquantized computes in FP16 except
+    the overflow-prone ops of ``DEFAULT_FP32_OPS`` (LayerNorm above all), with FP16 Q/DQ scales
+    (opset 19), so a strongly typed TensorRT network runs it as INT8 + FP16
+    (``ftz_edge.export.qdq_fp16``); without, the float parts stay FP32.
 
     ``method``: minmax (default), entropy or percentile, ONNX Runtime's calibrators with
     ``DEFAULT_CALIBRATOR_OPTIONS[method]`` updated by ``calibrator_options`` (e.g.
@@ -542,17 +577,23 @@ def quantize_int8(
     """
     _calibration_method(method)
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
-    samples = _check_feeds(calibration, _graph_inputs(model), "calibration")
+    samples = _check_feeds(calibration, _graph_inputs(_load(src)), "calibration")
     # Graphs over protobuf's 2 GB (the paper-size fp32 tower) go through every step with their
     # weights in side files.
-    large = onnx_io.is_large(onnx_io.weight_bytes(model))
-    del model
+    large = onnx_io.is_large(onnx_io.total_bytes(src))
     with tempfile.TemporaryDirectory(prefix="ftz-quant-") as work:
         prepared, pre = _prepare(src, Path(work) / "prepared.onnx", large)
         exclude = excluded_nodes(prepared, policy)
         calib = _Calibration(prepared, samples, method, calibrator_options, Path(work), large)
-        quantized = _quantize(prepared, dst, method, exclude, per_channel, calib.cache, samples, large)
+        qdq_fp32 = Path(work) / "qdq_fp32.onnx"
+        quantized = _quantize(prepared, qdq_fp32, method, exclude, per_channel, calib.cache, samples, large)
+        # TensorRT builds a Q/DQ graph strongly typed: what is not quantized runs in the graph's own
+        # float type. Made FP16 here (LayerNorm kept FP32), as NVIDIA ModelOpt's INT8 PTQ does.
+        from ftz_edge.export.qdq_fp16 import qdq_to_fp16_high_precision  # lazy: it imports this module
+
+        high_precision = qdq_to_fp16_high_precision(qdq_fp32, dst) if fp16_high_precision else None
+        if not fp16_high_precision:
+            onnx_io.copy(qdq_fp32, dst)
     return {
         "precision": "int8",
         "format": "QDQ",
@@ -565,6 +606,8 @@ def quantize_int8(
         "pre_process": pre,
         "quantized_nodes": quantized,
         "excluded_nodes": exclude,
+        "high_precision": "fp16" if fp16_high_precision else "fp32",
+        "high_precision_details": high_precision,
         "bytes": onnx_io.total_bytes(dst),
     }
 
@@ -610,8 +653,12 @@ def sensitivity_report(
     policy: MixedPrecisionPolicy = MixedPrecisionPolicy(),
     per_channel: bool = True,
     calibrator_options: Optional[dict] = None,
+    granularity: str = "blocks",
 ) -> list[dict]:
     """Quantize one block at a time (everything else FP32) and compare ``image_embeds`` with FP32.
+
+    ``granularity="kinds"`` groups the blocks by kind (all anchor layers, all augmenter layers,
+    the fusion modules, ...): a handful of rows instead of one per layer, for large towers.
 
     Blocks: each patch embedding, anchor layer, augmenter layer, fusion module and projector,
     by the module path of their weight-carrying MatMul/Gemm/Conv; the attention-core MatMuls
@@ -621,32 +668,35 @@ def sensitivity_report(
     Calibration runs once (ORT's calibration cache), every row reuses the ranges.
     """
     _calibration_method(method)
+    if granularity not in ("blocks", "kinds"):
+        raise ValueError(f"granularity must be 'blocks' or 'kinds', got {granularity!r}")
     src_fp32 = Path(src_fp32)
-    model = onnx.load(str(src_fp32))
-    inputs = _graph_inputs(model)
+    inputs = _graph_inputs(_load(src_fp32))
+    large = onnx_io.is_large(onnx_io.total_bytes(src_fp32))
     samples = _check_feeds(calibration, inputs, "calibration")
     feeds = _check_feeds(evaluation, inputs, "evaluation")
     reference = run_model(src_fp32, feeds)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ftz-sens-") as work:
         work = Path(work)
-        prepared, _ = _prepare(src_fp32, work / "prepared.onnx")
-        a = _anatomy(onnx.load(str(prepared)))
+        prepared, _ = _prepare(src_fp32, work / "prepared.onnx", large)
+        a = _anatomy(onnx.load(str(prepared), load_external_data=False))
         policy_excluded = set(excluded_nodes(prepared, policy))
         groups: dict[str, list[str]] = defaultdict(list)
         kinds: dict[str, str] = {}
         for n in a.nodes:
-            key = "attention_core" if n in a.attention_core else a.block[n]
+            kind = "attention_core" if n in a.attention_core else a.kind[n]
+            key = kind if granularity == "kinds" or kind == "attention_core" else a.block[n]
             groups[key].append(n)
-            kinds[key] = "attention_core" if n in a.attention_core else a.kind[n]
-        calib = _Calibration(prepared, samples, method, calibrator_options, work)
+            kinds[key] = kind
+        calib = _Calibration(prepared, samples, method, calibrator_options, work, large)
         runs = [(block, kinds[block], members) for block, members in groups.items()]
         runs.append(("full policy", "policy", [n for n in a.nodes if n not in policy_excluded]))
         for i, (block, kind, members) in enumerate(runs):
             chosen = set(members)
             exclude = [n for n in a.nodes if n not in chosen]
             dst = work / f"q{i}.onnx"
-            quantized = _quantize(prepared, dst, method, exclude, per_channel, calib.cache, samples)
+            quantized = _quantize(prepared, dst, method, exclude, per_channel, calib.cache, samples, large)
             row = {"block": _block_label(block) if kind != "policy" else block, "kind": kind,
                    "nodes": len(quantized), **compare(reference, run_model(dst, feeds)),
                    "in_policy": kind == "policy" or any(n not in policy_excluded for n in members)}

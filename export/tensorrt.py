@@ -5,9 +5,13 @@ precision constraints and INT8 calibrators (10.x deprecated them), so the one po
 STRONGLY TYPED network built from an FP16 ONNX (LayerNorm etc. kept FP32) or a Q/DQ ONNX (explicit
 INT8). INT8 fused attention needs <= 512 tokens; CLIP-L/336 has 577, so its attention stays fp16.
 Engines and timing caches are tied to the GPU model and the TensorRT version: each engine gets a
-``<engine>.json`` record, checked by ``engine_compatible`` before it is loaded.
+``<engine>.json`` record (``engine_compatible``, in ftz_edge.runtime.device, compares it with a
+machine). A record is a claim, not a proof: ``check_engine`` runs a built engine against
+onnxruntime on the same images (TensorRT 10.3 has built FP16 ViT engines that compute wrong).
 
-``tensorrt`` is imported lazily: this module must import on machines without it (CI, a CPU laptop).
+The ONNX is parsed from its path, never from bytes, so a graph over 2 GB with its weights in
+``<name>.data`` beside it builds. ``tensorrt`` is imported lazily: this module must import on
+machines without it (CI, a CPU laptop). Tested against tests/fakes_tensorrt.py.
 """
 
 from __future__ import annotations
@@ -15,16 +19,22 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
-import shutil
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
+
+import numpy as np
+
+# GPU, TensorRT and engine-record checks live in the runtime (the device side needs them without
+# this export package); re-exported here for the builder and its callers.
+from ftz_edge.runtime.device import MIN_TENSORRT_MAJOR, cuda_device, engine_compatible  # noqa: F401
+from ftz_edge.runtime.device import import_tensorrt as _import_tensorrt
 
 PRECISIONS = ("fp16", "int8", "fp32")
-MIN_TENSORRT_MAJOR = 10  # 8.x (JetPack 5) has no strongly typed networks
+logger = logging.getLogger("ftz_edge.export.tensorrt")
 INSTALL_HINT = ("Jetson: sudo apt install python3-libnvinfer and make the venv with --system-site-packages; "
                 "desktop: pip install tensorrt --extra-index-url https://pypi.nvidia.com; or use --engine onnx")
 
@@ -37,71 +47,8 @@ class EngineBuildError(RuntimeError):
     """TensorRT could not parse the ONNX or build an engine from it."""
 
 
-def _import_tensorrt():
-    """(module, None) or (None, why). Broad except: a broken install raises OSError (missing libnvinfer)."""
-    try:
-        import tensorrt
-        return tensorrt, None
-    except Exception as err:  # noqa: BLE001
-        return None, f"{type(err).__name__}: {err}"
-
-
 def tensorrt_available() -> bool:
     return _import_tensorrt()[0] is not None
-
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            return None
-    return cudart
-
-
-def _device_from_cuda_python() -> Optional[dict]:
-    cudart = _cudart()
-    if cudart is None:
-        return None
-    ok = cudart.cudaError_t.cudaSuccess
-    try:  # a missing or too-old driver must mean "no GPU", not a crash of --engine auto
-        err, count = cudart.cudaGetDeviceCount()
-        if err != ok or count < 1:
-            return None
-        err, props = cudart.cudaGetDeviceProperties(0)  # device 0 of CUDA_VISIBLE_DEVICES: the one TensorRT uses
-    except Exception:  # noqa: BLE001
-        return None
-    if err != ok:
-        return None
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}",
-            "total_memory": int(props.totalGlobalMem), "source": "cuda-python"}
-
-
-def _device_from_nvidia_smi() -> Optional[dict]:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [line for line in out.stdout.splitlines() if line.strip()]
-    if out.returncode != 0 or not lines:
-        return None
-    name, cap, memory = ([part.strip() for part in lines[0].split(",")] + ["", ""])[:3]
-    # Jetson's nvidia-smi may print "[N/A]" for fields it cannot read: keep them unknown, not wrong.
-    total = int(memory.split()[0]) << 20 if memory.split() and memory.split()[0].isdigit() else None
-    return {"name": name, "compute_capability": cap if cap[:1].isdigit() else None,
-            "total_memory": total, "source": "nvidia-smi"}
-
-
-def cuda_device() -> Optional[dict]:
-    """{name, compute_capability "8.7", total_memory bytes, source} of GPU 0, or None without a GPU."""
-    return _device_from_cuda_python() or _device_from_nvidia_smi()
 
 
 def pick_engine(requested: str) -> tuple[str, str]:
@@ -215,7 +162,8 @@ def _sha256(path: Path) -> str:
 
 def _check_inputs(network, spec: EngineBuildSpec) -> None:
     """Spec vs the parsed ONNX, so a wrong name or size fails here and not deep inside the build."""
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    inputs = {network.get_input(i).name: tuple(int(d) for d in network.get_input(i).shape)
+              for i in range(network.num_inputs)}
     if set(inputs) != set(spec.input_shapes):
         raise EngineBuildError(f"{spec.onnx_path}: ONNX inputs {sorted(inputs)} != spec inputs {sorted(spec.input_shapes)}")
     for name, (lo, opt, hi) in profile_shapes(spec).items():
@@ -227,6 +175,47 @@ def _check_inputs(network, spec: EngineBuildSpec) -> None:
                                    f"dynamic batch axis or set batch min=opt=max={dims[0]}")
 
 
+def _add_profile(builder, config, spec: EngineBuildSpec) -> dict:
+    """The spec's one optimization profile, added to ``config``; its shapes. TensorRT's bindings
+    raise on an inconsistent min/opt/max and ``add_optimization_profile`` returns -1 for a profile
+    it finds invalid: both become an EngineBuildError, never a build from a profile it ignored."""
+    profile = builder.create_optimization_profile()
+    shapes = profile_shapes(spec)
+    for name, (lo, opt, hi) in shapes.items():
+        try:
+            profile.set_shape(name, lo, opt, hi)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise EngineBuildError(f"TensorRT refused the profile of input {name!r} (min {lo}, opt {opt}, "
+                                   f"max {hi}): {err}") from None
+    index = config.add_optimization_profile(profile)
+    if index < 0:
+        raise EngineBuildError(f"TensorRT refused the optimization profile {shapes} of {spec.onnx_path} "
+                               f"(add_optimization_profile returned {index}); see the TensorRT log above")
+    return shapes
+
+
+def _attach_timing_cache(config, path: Path, version: str) -> bool:
+    """Attach the timing cache at ``path`` (an empty one when there is none); True when the saved
+    cache was accepted. A cache TensorRT cannot read (another TensorRT version, a damaged file:
+    ``create_timing_cache`` gives None) or refuses (another GPU: ``set_timing_cache`` gives False;
+    ``ignore_mismatch`` stays False, since the docs warn that foreign caches may give functional
+    bugs) is replaced by a fresh one, and the log says so."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob) if blob else None
+    if blob and cache is None:
+        logger.warning("timing cache %s is not readable by TensorRT %s (written by another version, or damaged): "
+                       "starting a fresh one", path, version)
+    elif cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+        logger.warning("timing cache %s was written on another GPU or TensorRT: starting a fresh one", path)
+        cache = None
+    if cache is not None:
+        return True
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise EngineBuildError(f"TensorRT {version} could not start an empty timing cache (for {path})")
+    return False
+
+
 def build_engine(spec: EngineBuildSpec) -> EngineRecord:
     """Parse the ONNX, build one profile, write ``spec.engine_path`` and its ``.json`` record atomically."""
     trt, why = _import_tensorrt()
@@ -236,32 +225,23 @@ def build_engine(spec: EngineBuildSpec) -> EngineRecord:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: strongly typed builds need >= 10 (JetPack 6+)")
     if not spec.onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX at {spec.onnx_path}")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
     network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(spec.onnx_path)):  # from a path, so external weight files resolve
+    parser = trt.OnnxParser(network, trt_logger)
+    # From the path, never from bytes: a graph over 2 GB keeps its weights in ``<name>.data`` beside
+    # it, which the parser resolves relative to the graph's folder only when it knows that folder.
+    if not parser.parse_from_file(str(spec.onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["(the parser reported no details)"]
         raise EngineBuildError(f"TensorRT could not parse {spec.onnx_path}: " + " | ".join(errors))
     _check_inputs(network, spec)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_bytes)
-    profile = builder.create_optimization_profile()
-    shapes = profile_shapes(spec)
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-
+    shapes = _add_profile(builder, config, spec)
     reused = False
     if spec.timing_cache_path is not None:
-        blob = spec.timing_cache_path.read_bytes() if spec.timing_cache_path.is_file() else b""
-        # ignore_mismatch=False: a cache from another GPU or TensorRT is refused (the docs warn that
-        # mixing device caches may give functional/performance bugs); we then start an empty one.
-        accepted = config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False) is not False
-        reused = bool(blob) and accepted
-        if not accepted:
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        reused = _attach_timing_cache(config, spec.timing_cache_path, trt.__version__)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -300,19 +280,38 @@ def inspect_engine(engine_path: Path) -> list[dict]:
              "dtype": str(engine.get_tensor_dtype(n)), "shape": tuple(engine.get_tensor_shape(n))} for n in names]
 
 
-def engine_compatible(record: dict, device: Optional[dict], trt_version: Optional[str]) -> tuple[bool, str]:
-    """Can this machine load the engine ``record`` describes? Engines are per GPU model and TensorRT version."""
-    if trt_version is None:
-        return False, "TensorRT is not installed here"
-    if device is None:
-        return False, "no NVIDIA GPU found"
-    problems = []
-    if record.get("compute_capability") != device.get("compute_capability"):
-        problems.append(f"built for compute capability {record.get('compute_capability')} ({record.get('gpu_name')}), "
-                        f"this GPU is {device.get('compute_capability')} ({device.get('name')})")
-    if record.get("tensorrt_version") != trt_version:
-        problems.append(f"built with TensorRT {record.get('tensorrt_version')}, this machine has {trt_version}")
-    if problems:
-        return False, "; ".join(problems) + ": rebuild the engine on this machine"
-    note = "" if record.get("gpu_name") == device.get("name") else f" (tuned on {record.get('gpu_name')})"
-    return True, f"same compute capability {device.get('compute_capability')} and TensorRT {trt_version}{note}"
+def check_engine(engine_path: Path, onnx_path: Path, pixels: Dict[str, np.ndarray], precision: str,
+                 target: Optional[float] = None) -> dict:
+    """Run a built engine and onnxruntime on the same ``pixels`` and compare: the guard against
+    TensorRT builds that compute something else (TensorRT 10.3 has given wrong FP16 ViT results:
+    NVIDIA/TensorRT#4419, #4330, #4723).
+
+    The engine runs through the runtime's own ``TensorRTVision`` (what the device will run,
+    chunked by the engine's profile); the reference is ``onnx_path`` (the fp32 graph) on the ORT CPU
+    provider, one image at a time. Returns a ``validation.json`` vision row: {precision, evaluated,
+    batch, cosine (min over images), max_abs, target, ok}; ``ok`` is None without a ``target``.
+    Raises EngineBuildError when the engine does not load, does not run, or gives the wrong shape.
+    """
+    from ftz_edge.export.quantize import compare, cpu_session
+    from ftz_edge.runtime.vision import TensorRTVision
+
+    session = cpu_session(onnx_path)
+    names = [i.name for i in session.get_inputs()]
+    count = len(pixels[names[0]])
+    reference = np.concatenate([session.run(None, {n: pixels[n][i:i + 1] for n in names})[0] for i in range(count)])
+    try:
+        engine = TensorRTVision(engine_path)
+    except (ImportError, RuntimeError) as err:
+        raise EngineBuildError(f"the engine {engine_path} does not load: {err}") from None
+    try:
+        output = engine({n: pixels[n] for n in names})
+    except (RuntimeError, ValueError) as err:
+        raise EngineBuildError(f"the engine {engine_path} does not run: {err}") from None
+    finally:
+        engine.close()
+    if output.shape != reference.shape:
+        raise EngineBuildError(f"the engine {engine_path} outputs {output.shape}, onnxruntime {reference.shape}")
+    result = compare(output, reference)
+    return {"precision": precision, "evaluated": f"TensorRT engine vs onnxruntime fp32 (batches of <= {engine.batch_max})",
+            "batch": count, "cosine": result["cosine"], "max_abs": result["max_abs"], "target": target,
+            "ok": None if target is None else bool(result["cosine"] >= target)}

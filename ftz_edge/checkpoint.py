@@ -10,8 +10,9 @@ Layout::
 
 Component paths inside the config are relative to the folder when the component is stored in
 it, so the folder can be moved. Writes go to a temporary sibling folder that is renamed into
-place only when complete: an interrupted save never leaves a folder that looks valid.
-Never pickle: safetensors only.
+place only when complete: an interrupted save never leaves a folder that looks valid. An existing
+folder is replaced only when it is an FtZ checkpoint (``check_checkpoint``). Never pickle:
+safetensors only (the LLM and encoders too: ``save_pretrained`` writes safetensors).
 """
 
 from __future__ import annotations
@@ -26,15 +27,58 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ftz_edge import __version__
-from ftz_edge.atomic import atomic_folder
+from ftz_edge.atomic import DestinationError, atomic_folder, check_destination
 from ftz_edge.config import CONFIG_NAME, FtZConfig
 from ftz_edge.mllm import FtZForCausalLM
 
 WEIGHTS_NAME = "ftz_weights.safetensors"
+# The folders save_checkpoint stores components in (the config then names them by these
+# relative names); one that is missing means a copied-incomplete checkpoint, not a hub id.
+STORED_COMPONENTS = ("llm", "anchor", "augmenter")
 
 
 class CheckpointError(ValueError):
     """A folder that is not a usable FtZ checkpoint (missing files, config/weights mismatch)."""
+
+
+def check_checkpoint(folder: str | Path) -> FtZConfig:
+    """The config of the FtZ checkpoint ``folder``; CheckpointError unless its ftz_config.json
+    parses as an FtZConfig and its weights file is there. Only such a folder may be replaced
+    by ``save_checkpoint``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {CONFIG_NAME} is missing")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {WEIGHTS_NAME} is missing")
+    try:
+        return FtZConfig.load(folder)
+    except (ValueError, TypeError, AttributeError, OSError) as err:  # AttributeError: JSON that is not an object
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {err}") from None
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` is an FtZ checkpoint (see ``check_checkpoint``)."""
+    try:
+        check_checkpoint(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _check_components(config: FtZConfig, folder: Path) -> None:
+    """A component stored in the checkpoint (or a trained LLM, which only the checkpoint can
+    hold) must be there: otherwise loading would quietly go to the model hub for a name like
+    "llm", or load the untrained base LLM."""
+    named = {"llm": config.llm, "anchor": config.tower.anchor, "augmenter": config.tower.augmenter}
+    for role, name in named.items():
+        if name in STORED_COMPONENTS and not (folder / name).is_dir():
+            raise CheckpointError(f"{folder} is incomplete: its {role} is stored in {name}/ "
+                                  f"({CONFIG_NAME} says {role}={name!r}), but {folder / name} is missing")
+    if config.llm_trained and not (folder / config.llm).is_dir() and not Path(config.llm).is_dir():
+        raise CheckpointError(f"{folder} is incomplete: its LLM was trained (llm_trained) but {config.llm!r} "
+                              f"is not a folder in the checkpoint; the trained weights belong in {folder / 'llm'}")
 
 
 def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders: bool = False,
@@ -55,10 +99,12 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
         trainable = {k[len("vision."):]: v for k, v in state_dict.items()
                      if k.startswith("vision.") and not k.startswith(("vision.anchor.", "vision.augmenter."))}
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file())):
-        raise CheckpointError(f"{folder} exists and is not an FtZ checkpoint; refusing to replace it")
+    try:
+        check_destination(folder, check_checkpoint, "an FtZ checkpoint")
+    except DestinationError as err:
+        raise CheckpointError(str(err)) from None
     include_llm = model.config.llm_trained if include_llm is None else include_llm
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, check_checkpoint, "an FtZ checkpoint") as tmp:
         config = copy.deepcopy(model.config)
         if include_llm:
             model.llm.save_pretrained(tmp / "llm", state_dict=llm_weights)
@@ -86,16 +132,8 @@ def _save_processor_spec(spec, folder: Path) -> None:
 
 def load_checkpoint(folder: str | Path, dtype: Optional[torch.dtype] = None) -> FtZForCausalLM:
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    if not (folder / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {CONFIG_NAME} is missing")
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder} is not an FtZ checkpoint: {WEIGHTS_NAME} is missing")
-    try:
-        config = FtZConfig.load(folder)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {err}") from None
+    config = check_checkpoint(folder)
+    _check_components(config, folder)
     model = FtZForCausalLM.from_config(config, base_dir=folder, dtype=dtype)
     try:
         weights = load_file(folder / WEIGHTS_NAME)

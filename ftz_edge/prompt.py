@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any, Iterable, Optional, Sequence
 
@@ -35,6 +36,35 @@ FALLBACK_CHAT_TEMPLATE = (
 
 class PromptError(ValueError):
     """A conversation that cannot be rendered (bad roles, empty turns, template errors)."""
+
+
+class UnencodableTextError(PromptError):
+    """Text that is not valid Unicode, so cannot be encoded as UTF-8 (nor tokenized): it holds a
+    lone surrogate (U+D800..U+DFFF). Python strings can: a JSON ``"\\ud800"`` escape decodes to
+    one, and so do undecodable bytes on a command line (``surrogateescape``). ``index`` is the
+    message it was found in (None when the text is not a message's)."""
+
+    def __init__(self, message: str, index: Optional[int] = None):
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):  # keeps ``index`` across pickling (data-loader workers)
+        return type(self), (str(self), self.index)
+
+
+# Lone surrogates are the only code points a Python str may hold that UTF-8 cannot encode.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_encodable(text: str, where: str = "the text", index: Optional[int] = None) -> None:
+    """Raise ``UnencodableTextError`` naming ``where`` if ``text`` cannot be encoded as UTF-8.
+    A scan, no copy: ASCII text (the usual case, also a large base64 image) is answered at once."""
+    if text.isascii():
+        return
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise UnencodableTextError(f"{where} is not valid UTF-8 text: character {match.start()} is a lone surrogate "
+                                   f"(U+{ord(match.group()):04X}); send valid UTF-8", index)
 
 
 @lru_cache(maxsize=16)
@@ -69,6 +99,7 @@ def validate_messages(messages: Sequence[dict]) -> None:
             raise PromptError(f"message {i}: role must be system, user or assistant, got {role!r}")
         if not isinstance(content, str) or not content.strip():
             raise PromptError(f"message {i} ({role}): content must be a non-empty string")
+        check_encodable(content, f"message {i} ({role})", i)
 
 
 def render_chat(
@@ -89,8 +120,10 @@ def tokenize(text: str, tokenizer, add_special_tokens: bool = False) -> list[int
     """Token ids of ``text`` with each ``<image>`` replaced by ``IMAGE_TOKEN_ID``.
 
     ``tokenizer`` is a ``tokenizers.Tokenizer``. Special tokens are not added by default because
-    chat templates write BOS etc. themselves (as ``apply_chat_template`` assumes).
+    chat templates write BOS etc. themselves (as ``apply_chat_template`` assumes). Text that is
+    not valid Unicode raises ``UnencodableTextError`` (tokenizers would raise a bare TypeError).
     """
+    check_encodable(text)
     ids: list[int] = []
     for index, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if index:

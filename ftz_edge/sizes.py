@@ -92,3 +92,55 @@ def tower_cost(vision: FtZVision, augmenter_image_size: int = 224) -> TowerCost:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# -- real-format checkpoints with random weights ------------------------------------------------
+
+
+def save_reference_components(folder, augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", seed: int = 0) -> dict[str, str]:
+    """``anchor/``, ``augmenter/`` and ``llm/`` under ``folder``: the real architectures (CLIP
+    ViT-L/14-336, DINOv2-*, Qwen2.5-0.5B or TinyLlama-1.1B) with random weights, each written by
+    ``save_pretrained`` exactly as a hub checkpoint is, so every loader runs its real path. The
+    LLM gets the shipped default model's tokenizer (no hub here; its ids fit any of these
+    vocabularies). Returns the three folders, for an FtZConfig."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ftz_edge import DEFAULT_MODEL
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    paths = {"anchor": folder / "anchor", "augmenter": folder / "augmenter", "llm": folder / "llm"}
+    CLIPVisionModel(reference_config("clip-vit-large-patch14-336")).save_pretrained(paths["anchor"])
+    Dinov2Model(reference_config(augmenter)).save_pretrained(paths["augmenter"])
+    AutoModelForCausalLM.from_config(reference_config(llm), dtype=torch.float32).save_pretrained(paths["llm"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEFAULT_MODEL / "llm" / name, paths["llm"] / name)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def save_reference_checkpoint(folder, kind: str = "ftz", augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b",
+                              preset: str = "paper", seed: int = 0):
+    """A paper-size FtZ checkpoint (random weights) at ``folder``, self-contained like one that
+    ``ftz-train`` writes after SFT: components under ``components/``, the LLM inside the
+    checkpoint, fusion modules and projector in safetensors. For paper-size smoke runs of export
+    and runtime (tiny models prove logic, not scale)."""
+    from pathlib import Path
+
+    from ftz_edge.checkpoint import save_checkpoint
+    from ftz_edge.config import FtZConfig, TowerConfig
+    from ftz_edge.mllm import FtZForCausalLM
+
+    folder = Path(folder)
+    components = save_reference_components(folder.parent / f".{folder.name}-components", augmenter, llm, seed)
+    tower = TowerConfig(kind=kind, anchor=components["anchor"], augmenter=components["augmenter"] if kind != "clip" else None)
+    config = FtZConfig(tower=tower, llm=components["llm"], preset=preset, llm_trained=True)
+    torch.manual_seed(seed)
+    model = FtZForCausalLM.from_config(config)
+    save_checkpoint(model, folder, include_encoders=True, include_llm=True)
+    import shutil
+
+    shutil.rmtree(folder.parent / f".{folder.name}-components")
+    return folder

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,24 @@ import ftz_edge
 from ftz_edge.manifest import BundleError
 
 DEFAULT_MODEL = ftz_edge.DEFAULT_MODEL
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr ("PROG: error: ..."), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is a number (not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def default_bundle_path() -> Path:
@@ -49,20 +68,36 @@ def ensure_default_bundle() -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Every error a user can cause (an option, a bundle, an image, text that is not UTF-8) ends
+    as one "ftz-chat: error: ..." line on stderr and exit status 2; Ctrl-C exits 130."""
+    try:
+        return chat(argv)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # so that the interpreter's last flush does not fail again
+        return 1
+
+
+def chat(argv: Optional[List[str]]) -> int:
+    from ftz_edge.prompt import check_encodable
     from ftz_edge.runtime.engine import Conversation, FtZRuntime
     from ftz_edge.runtime.generation import GenerationConfig
 
-    parser = argparse.ArgumentParser(prog="ftz-chat", description="Ask an FtZ bundle about images.")
+    parser = OneLineParser(prog="ftz-chat", description="Ask an FtZ bundle about images.")
     parser.add_argument("question", nargs="?", help="ask once and exit; without it: an interactive chat")
     parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")
     parser.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
     parser.add_argument("--example", type=int, metavar="N",
                         help="ask the shipped default model's example N (its image and question)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--top-p", type=finite_float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=finite_float, default=1.0)
+    parser.add_argument("--presence-penalty", type=finite_float, default=0.0, help="OpenAI's, -2..2")
+    parser.add_argument("--frequency-penalty", type=finite_float, default=0.0, help="OpenAI's, -2..2")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
@@ -79,7 +114,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"you> {args.question}", file=sys.stderr)
     try:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                  seed=args.seed, stop=args.stop)
+        # Undecodable bytes on a command line arrive as lone surrogates: refused before the model loads.
+        for text, where in ((args.question, "the question"), (args.system, "--system")):
+            if text is not None:
+                check_encodable(text, where)
         # Interactive: warm up at load, so the first answer is as quick as the later ones.
         runtime = FtZRuntime(args.bundle or ensure_default_bundle(), providers=args.provider,
                              warmup=args.question is None)
@@ -98,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     question = input("you> ").strip()
                 except EOFError:
                     break
+                except UnicodeDecodeError as err:  # a terminal not in UTF-8: say so, keep the chat
+                    print(f"ftz-chat: error: the input is not UTF-8 text ({err.reason}); type it again", file=sys.stderr)
+                    continue
                 if question in ("", "/quit", "/exit"):
                     break
                 if question.startswith("/image "):
@@ -105,11 +149,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print("(image added; it goes with your next question)", file=sys.stderr)
                     continue
             print("ftz> " if questions is None else "", end="", flush=True)
+            streamed = questions is None  # something on stdout's current line
             try:
                 for delta in chat.ask(question, images, config):
                     print(delta, end="", flush=True)
-            except ValueError as err:  # an unreadable image, a prompt past the context, a bad prompt
-                print(f"\nerror: {err}", file=sys.stderr)
+                    streamed = True
+            except ValueError as err:  # an unreadable image, a prompt past the context, text that is not UTF-8
+                if streamed:
+                    print()
+                print(f"ftz-chat: error: {err}", file=sys.stderr)
                 if questions is not None:
                     return 2
                 continue

@@ -7,8 +7,10 @@ embedding table, so image embeddings can be spliced in between them.
 
 The cache never goes through numpy: each step binds the previous step's ``present`` OrtValues
 as the next step's ``past`` inputs (IO binding), on whatever device the session runs on, so a
-GPU keeps the cache in device memory. Logits do come to the host: one row per decode step, but
-the whole (T, vocab) block at prefill, as the graph outputs every position.
+GPU keeps the cache in device memory. Logits come to the host, one (vocab,) row per step,
+prefill included: ftz-export's graph runs the LM head on the last position only and returns
+``logits`` of shape (B, 1, vocab) (``export/llm.py``). A decoder that returns every position
+(the builder's raw graph, older bundles) works too; its last row is taken.
 
 This is our own loop rather than ONNX Runtime GenAI's generator because GenAI has no CUDA build
 for aarch64 (Jetson), while plain onnxruntime runs everywhere.
@@ -27,11 +29,29 @@ _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
 _DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
+class OnnxRuntimeTooOld(RuntimeError):
+    """The installed onnxruntime is older than the one the decoder graph needs."""
+
+
+def check_onnxruntime(installed: str, needed: Optional[str]) -> None:
+    """Raise OnnxRuntimeTooOld (one line) when ``installed`` is older than ``needed`` (the
+    manifest's ``llm.min_onnxruntime``; None: nothing recorded, nothing checked)."""
+    from packaging.version import Version  # an onnxruntime dependency, so present wherever it is
+
+    if needed and Version(installed).release < Version(needed).release:
+        raise OnnxRuntimeTooOld(f"this bundle's decoder needs onnxruntime >= {needed}, installed: {installed} "
+                                f"(upgrade it, or re-export the bundle with this onnxruntime)")
+
+
 class OnnxDecoder:
     def __init__(self, folder, model_file: str = "model.onnx", embeddings_file: str = "embed_tokens.npy",
-                 providers: Optional[Sequence[str]] = None, session_options=None):
+                 providers: Optional[Sequence[str]] = None, session_options=None,
+                 min_onnxruntime: Optional[str] = None):
+        """``min_onnxruntime``: the manifest's ``llm.min_onnxruntime``; an older onnxruntime is
+        refused in one line (OnnxRuntimeTooOld) rather than by the graph loader's traceback."""
         import onnxruntime as ort
 
+        check_onnxruntime(ort.__version__, min_onnxruntime)
         self._ort = ort
         folder = Path(folder)
         config = json.loads((folder / "genai_config.json").read_text())["model"]
@@ -75,7 +95,7 @@ class OnnxDecoder:
 
     def forward(self, embeds: np.ndarray, cache: Dict[str, object]) -> Tuple[np.ndarray, Dict[str, object]]:
         """Run ``embeds`` (B, T, D) after the cached positions; returns the last position's logits
-        (float32, on the host) and the grown cache (OrtValues, on the session's device)."""
+        (B, vocab) (float32, on the host) and the grown cache (OrtValues, on the session's device)."""
         past = self.cache_length(cache)
         batch, new = embeds.shape[:2]
         binding = self.session.io_binding()

@@ -14,16 +14,20 @@ It prints:
   CPU fallback turned off, outputs checked): on a Jetson a provider can be listed without working
   kernels;
 * the GPU (cuda-python, else ``nvidia-smi``, else a Jetson's ``/proc/device-tree/model``), its
-  compute capability and free memory, and the TensorRT version; whether the bundle's engine was
-  built for them (``ftz_edge.export.tensorrt.engine_compatible``);
+  compute capability and free memory, and the TensorRT version (``ftz_edge.runtime.device``);
+  whether the bundle's engine was built for them (its build record), and, wherever TensorRT is
+  installed, whether it really deserializes and runs (the runtime's own ``TensorRTVision``);
+* the providers the runtime gives the vision graph and the decoder, from the same function the
+  runtime calls (``ftz_edge.runtime.vision.provider_plan``: never TensorRT for a decoder);
 * the bundle's memory budget (ftz_edge.runtime.memory_budget: weights, KV cache, activations,
   overhead) against this machine and the Jetson Orin modules, with the ftz-export changes that
   would make it fit.
 
 Exit status: 0 when everything the runtime needs works (and the bundle, if given, is intact and
 fits here); 1 when something needed is missing or broken (a provider the runtime would pick fails,
-the bundle fails verification, was built for another GPU or TensorRT, its LLM does not run, or it
-does not fit this machine's memory); 2 for bad arguments, including a --bundle that is not a bundle.
+the bundle fails verification, its engine claims this GPU and TensorRT but does not run, its LLM
+does not run, or it does not fit this machine's memory); an engine built for another GPU or
+TensorRT is a warning (the runtime falls back to the vision ONNX); 2 for bad arguments, including a --bundle that is not a bundle.
 A plan never changes the exit status: it answers a question about a model not exported yet.
 
 Torch-free (numpy, onnxruntime; tensorrt, cuda-python and psutil only if present), Python 3.10+.
@@ -34,9 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
-import shutil
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -45,16 +46,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ftz_edge.export import tensorrt as trt_tools  # stdlib only; tensorrt itself is imported lazily
 from ftz_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
+from ftz_edge.runtime import device  # GPU, Jetson, TensorRT: tensorrt and cuda-python imported only when asked
 from ftz_edge.runtime import memory_budget as mb
 from ftz_edge.runtime.memory_budget import fmt_bytes
+from ftz_edge.runtime.vision import CUDA, TENSORRT, provider_plan
 
-DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 MEMINFO = Path("/proc/meminfo")
-# Every Jetson Orin module has an Ampere GPU of compute capability 8.7.
-ORIN_COMPUTE_CAPABILITY = "8.7"
 PACKAGES = ("ftz-edge", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "pillow", "jinja2", "onnx",
             "onnxruntime-genai", "tensorrt", "cuda-python", "psutil", "gradio", "fastapi", "uvicorn")
 CPU = "CPUExecutionProvider"
@@ -174,10 +172,13 @@ def available_providers() -> List[str]:
 
 
 def needed_providers(available: Sequence[str]) -> List[str]:
-    """What the runtime picks by default (ftz_edge.runtime.vision.choose_providers): these must work."""
-    from ftz_edge.runtime.vision import PROVIDER_PREFERENCE
-
-    return [p for p in PROVIDER_PREFERENCE if p in available]
+    """Every provider the runtime gives a session by default (``provider_plan``, for a decoder built
+    for either device): each must work."""
+    needed: List[str] = []
+    for built_for in ("cuda", "cpu"):
+        plan = provider_plan(built_for, available=available)
+        needed += [p for p in plan.vision + plan.decoder if p not in needed]
+    return needed
 
 
 def check_providers() -> dict:
@@ -205,32 +206,6 @@ def check_providers() -> dict:
 
 
 # -- GPU, Jetson, TensorRT, memory ----------------------------------------------------------------
-def _read_text(path: Path) -> Optional[str]:
-    try:
-        return path.read_text(errors="replace").replace("\x00", "").strip()
-    except OSError:
-        return None
-
-
-def jetson_info() -> Optional[dict]:
-    """Model and L4T release of a Jetson, from the device tree and /etc/nv_tegra_release."""
-    model = _read_text(DEVICE_TREE_MODEL)
-    release = _read_text(TEGRA_RELEASE)
-    if not release and not (model and "jetson" in model.lower()):
-        return None
-    l4t = None
-    if release:
-        match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", release)
-        if match:
-            l4t = f"{match.group(1)}.{match.group(2)}"
-    jetpack = None
-    if l4t:
-        major = int(l4t.split(".")[0])
-        jetpack = {35: "JetPack 5 (not supported: needs TensorRT >= 10)", 36: "JetPack 6", 38: "JetPack 7",
-                   39: "JetPack 7"}.get(major)
-    return {"model": model, "l4t": l4t, "jetpack": jetpack, "release_line": (release or "").splitlines()[0] if release else None}
-
-
 def meminfo() -> Optional[dict]:
     """Total and available RAM: psutil when installed, else /proc/meminfo."""
     try:
@@ -240,7 +215,7 @@ def meminfo() -> Optional[dict]:
         return {"total": int(memory.total), "available": int(memory.available), "source": "psutil"}
     except ImportError:
         pass
-    text = _read_text(MEMINFO)
+    text = device.read_text(MEMINFO)
     if not text:
         return None
     fields = {}
@@ -255,39 +230,13 @@ def meminfo() -> Optional[dict]:
             "source": str(MEMINFO)}
 
 
-def gpu_free_memory() -> Optional[dict]:
-    """Free and total memory of GPU 0: cuda-python, else nvidia-smi."""
-    cudart = trt_tools._cudart()
-    if cudart is not None:
-        try:
-            error, free, total = cudart.cudaMemGetInfo()
-            if int(error) == 0:
-                return {"free": int(free), "total": int(total), "source": "cuda-python"}
-        except Exception:  # noqa: BLE001 - no driver: unknown, not a crash
-            pass
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=15, check=False)
-            free, total = (int(part.strip()) << 20 for part in out.stdout.splitlines()[0].split(",")[:2])
-            return {"free": free, "total": total, "source": "nvidia-smi"}
-        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
-            pass
-    return None
-
-
 def machine_info() -> dict:
-    trt, why = trt_tools._import_tensorrt()
+    trt, why = device.import_tensorrt()
     tensorrt = {"version": getattr(trt, "__version__", None) if trt else None, "error": why}
-    jetson = jetson_info()
-    gpu = trt_tools.cuda_device()
-    if gpu is None and jetson is not None and "orin" in (jetson["model"] or "").lower():
-        # No cuda-python and no working nvidia-smi, but the device tree says Orin: its GPU is known.
-        gpu = {"name": f"{jetson['model']} (integrated GPU)", "compute_capability": ORIN_COMPUTE_CAPABILITY,
-               "total_memory": None, "source": "device tree (Orin: compute capability 8.7)"}
+    jetson = device.jetson_info()
+    gpu = device.gpu_here(jetson)
     ram = meminfo()
-    gpu_memory = gpu_free_memory() if gpu is not None else None
+    gpu_memory = device.gpu_free_memory() if gpu is not None else None
     unified = gpu is None or jetson is not None
     return {"gpu": gpu, "gpu_memory": gpu_memory, "jetson": jetson, "tensorrt": tensorrt, "ram": ram,
             "unified_memory": unified}
@@ -402,6 +351,61 @@ def _decoder_step(bundle: Path, manifest: dict, providers: List[str]) -> dict:
     return result
 
 
+def run_engine(path: Path, feeds: Dict[str, np.ndarray], check) -> dict:
+    """Deserialize the engine at ``path`` and run it once on ``feeds`` through the runtime's own
+    ``TensorRTVision``; ``check([output])`` returns None or a problem. Never raises."""
+    from ftz_edge.runtime.vision import TensorRTVision
+
+    result = {"ok": False, "error": None, "load_ms": None, "run_ms": None}
+    engine = None
+    start = time.perf_counter()
+    try:
+        engine = TensorRTVision(path)
+        result["load_ms"] = round((time.perf_counter() - start) * 1e3, 1)
+        start = time.perf_counter()
+        output = engine(feeds)
+        result["run_ms"] = round((time.perf_counter() - start) * 1e3, 2)
+        problem = check([output])
+        if problem:
+            raise RuntimeError(problem)
+        result["ok"] = True
+    except Exception as err:  # noqa: BLE001 - an engine that fails is a finding, not a crash
+        result["error"] = _one_line(err)
+    finally:
+        if engine is not None:
+            engine.close()
+    return result
+
+
+def _check_engine(bundle: Path, entry: Optional[dict], machine: dict, feeds, check, out: dict) -> Optional[dict]:
+    """The bundle's TensorRT engine: its build record against this GPU and TensorRT, and, wherever
+    TensorRT is installed, a real run (the record is only a claim: a file of zeros has a record too).
+    ``used``: whether the runtime would run the engine (else it falls back to the vision ONNX)."""
+    if not entry:
+        return None
+    trt_version = machine["tensorrt"]["version"]
+    compatible, why = device.engine_compatible(entry.get("record") or {}, machine["gpu"], trt_version)
+    result = {"file": entry["file"], "compatible": compatible, "reason": why, "record": entry.get("record"),
+              "run": None, "used": compatible}
+    if trt_version is not None:
+        result["run"] = run_engine(bundle / entry["file"], feeds, check)
+        result["used"] = result["run"]["ok"]
+    fallback = "the runtime would run the vision ONNX on ONNX Runtime instead"
+    if result["run"] is not None and not result["run"]["ok"] and compatible:
+        out["problems"].append(f"TensorRT engine {entry['file']} does not run here although its build record says it "
+                               f"was built for this GPU and TensorRT ({result['run']['error']}); {fallback}: rebuild it "
+                               "on this device (ftz-export --engine trt)")
+    elif not result["used"]:  # built elsewhere: slower here, not broken
+        rebuild = " rebuild it on this device (ftz-export --engine trt) for TensorRT's speed" if trt_version else ""
+        ran = f"; it does not run here either ({result['run']['error']})" if result["run"] else ""
+        out["warnings"].append(f"TensorRT engine {entry['file']} is not usable here ({why}{ran}); "
+                               f"{fallback};{rebuild}".rstrip(";"))
+    elif not compatible:
+        out["warnings"].append(f"TensorRT engine {entry['file']} runs here although its build record says otherwise "
+                               f"({why})")
+    return result
+
+
 def check_bundle(bundle: Path, machine: dict, providers: dict) -> dict:
     """Manifest, engine record, a real run of the vision graph and of one decoder step, and the budget."""
     out: dict = {"path": str(bundle), "problems": [], "warnings": []}
@@ -418,20 +422,10 @@ def check_bundle(bundle: Path, machine: dict, providers: dict) -> dict:
     out["llm"] = {k: llm.get(k) for k in ("precision", "execution_provider", "num_layers", "num_kv_heads", "head_size",
                                           "context_length", "vocab_size")}
 
-    # TensorRT engine: built for this GPU and TensorRT?
-    entry = vision.get("tensorrt")
-    trt_version = machine["tensorrt"]["version"]
-    if entry:
-        ok, why = trt_tools.engine_compatible(entry.get("record") or {}, machine["gpu"], trt_version)
-        out["engine"] = {"file": entry["file"], "compatible": ok, "reason": why, "record": entry.get("record")}
-        if not ok:  # the runtime (auto) falls back to the vision ONNX on ONNX Runtime: slower, not broken
-            rebuild = " rebuild it on this device (ftz-export --engine trt) for TensorRT's speed" if trt_version else ""
-            out["warnings"].append(f"TensorRT engine {entry['file']} is not usable here ({why}); "
-                                   f"the runtime runs the vision ONNX on ONNX Runtime instead;{rebuild}".rstrip(";"))
-    else:
-        out["engine"] = None
-
-    # A real run of the bundle's own vision graph on each provider the runtime would pick.
+    # A real run of the bundle's own vision graph on each provider the runtime gives it (each alone,
+    # CPU fallback off), and one decoder step on exactly the decoder's list: the runtime's own plan.
+    plan = provider_plan(llm["execution_provider"], available=providers.get("available") or [CPU])
+    out["providers"] = {"vision": plan.vision, "decoder": plan.decoder}
     feeds = _dummy_feeds(vision)
     tokens, width = vision["num_image_tokens"], vision["outputs"][0]["shape"][-1]
 
@@ -440,9 +434,11 @@ def check_bundle(bundle: Path, machine: dict, providers: dict) -> dict:
             return f"image_embeds of shape {outputs[0].shape}, expected (1, {tokens}, {width})"
         return None if np.isfinite(outputs[0]).all() else "image_embeds are not finite"
 
+    out["engine"] = _check_engine(bundle, vision.get("tensorrt"), machine, feeds, check, out)
+
     out["vision_runs"] = []
-    for provider in providers.get("needed", []):
-        if provider == "TensorrtExecutionProvider":
+    for provider in plan.vision:
+        if provider == TENSORRT:
             out["vision_runs"].append({"provider": provider, "ok": None, "error": "skipped: the TensorRT provider would "
                                        "build an engine for the whole tower (minutes); the tiny model checked it"})
             continue
@@ -451,19 +447,14 @@ def check_bundle(bundle: Path, machine: dict, providers: dict) -> dict:
         if not result["ok"]:
             out["problems"].append(f"the bundle's vision graph fails on {provider}: {result['error']}")
 
-    # One decoder step where the runtime would run it (engine.py: a CPU-built graph runs on the CPU only).
-    if llm["execution_provider"] == "cpu":
-        decoder_providers = [CPU]
-    else:
-        decoder_providers = [p for p in providers.get("needed", []) if p != "TensorrtExecutionProvider"] or [CPU]
-        if "CUDAExecutionProvider" not in decoder_providers:
-            out["warnings"].append("the LLM was built for CUDA but this onnxruntime has no CUDA provider; "
-                                   "it may not run on the CPU (fp16 / CUDA-only kernels)")
-    out["decoder_run"] = _decoder_step(bundle, manifest, decoder_providers)
+    if llm["execution_provider"] != "cpu" and CUDA not in plan.decoder:
+        out["warnings"].append("the LLM was built for CUDA but this onnxruntime has no CUDA provider; "
+                               "it may not run on the CPU (fp16 / CUDA-only kernels)")
+    out["decoder_run"] = _decoder_step(bundle, manifest, plan.decoder)
     if not out["decoder_run"]["ok"]:
         out["problems"].append(f"the bundle's LLM decoder fails: {out['decoder_run']['error']}")
 
-    spec = bundle_spec(bundle, manifest, use_engine=bool(out["engine"] and out["engine"]["compatible"]))
+    spec = bundle_spec(bundle, manifest, use_engine=bool(out["engine"] and out["engine"]["used"]))
     out["spec"] = spec
     return out
 
@@ -494,7 +485,7 @@ def run(bundle: Optional[str], plan: Optional[dict]) -> dict:
                                       "for this CUDA / JetPack) or pass --provider CPUExecutionProvider to ftz-chat")
     report["machine"] = machine = machine_info()
     version = machine["tensorrt"]["version"]
-    if version and int(version.split(".")[0]) < trt_tools.MIN_TENSORRT_MAJOR:
+    if version and (device.tensorrt_major(version) or 0) < device.MIN_TENSORRT_MAJOR:
         report["warnings"].append(f"TensorRT {version} is too old for ftz-export's engines (needs >= 10: JetPack 6+)")
     if machine["ram"] is None:
         report["warnings"].append("system memory not found (no psutil, no /proc/meminfo)")
@@ -614,7 +605,14 @@ def format_report(report: dict) -> str:
                          f"{l['num_kv_heads']} KV heads x {l['head_size']}, context {l['context_length']}, vocab {l['vocab_size']}")
             e = b["engine"]
             lines.append("  TensorRT engine: none in this bundle" if e is None else
-                         f"  TensorRT engine {e['file']}: {'compatible' if e['compatible'] else 'NOT usable here'}: {e['reason']}")
+                         f"  TensorRT engine {e['file']}: record {'matches' if e['compatible'] else 'does NOT match'} "
+                         f"this machine: {e['reason']}")
+            if e is not None:
+                r = e["run"]
+                lines.append("  TensorRT engine run: " + ("not tried (no TensorRT here)" if r is None else
+                             f"ok (load {r['load_ms']} ms, run {r['run_ms']} ms)" if r["ok"] else f"FAILED ({r['error']})"))
+            lines.append(f"  providers: vision {', '.join(b['providers']['vision'])}; "
+                         f"decoder {', '.join(b['providers']['decoder'])}")
             for r in b["vision_runs"]:
                 state = "skipped" if r["ok"] is None else ("ok" if r["ok"] else "FAILED")
                 detail = f"load {r['load_ms']} ms, run {r['run_ms']} ms" if r["ok"] else r["error"]

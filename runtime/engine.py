@@ -15,12 +15,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from ftz_edge import prompt
-from ftz_edge.manifest import read_manifest
+from ftz_edge.manifest import BundleError, read_manifest
 from ftz_edge.preprocess import ImageProcessorSpec, encoder_pixels
+from ftz_edge.runtime import device
 from ftz_edge.runtime.decoder import OnnxDecoder
 from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
 from ftz_edge.runtime.image_cache import ImageEmbeddingCache, image_key
-from ftz_edge.runtime.vision import OrtVision, TensorRTVision, choose_providers
+from ftz_edge.runtime.vision import OrtVision, TensorRTVision, provider_plan
 
 
 class ContextLengthError(ValueError):
@@ -81,15 +82,8 @@ def peak_rss_mb() -> Optional[float]:
 
 
 def gpu_memory_used_mb() -> Optional[float]:
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart
-        error, free, total = cudart.cudaMemGetInfo()
-        return None if int(error) else (total - free) / (1 << 20)
-    except Exception:  # no cuda-python or no GPU: not available, not an error
-        return None
+    memory = device.gpu_free_memory(use_nvidia_smi=False)  # None without cuda-python or a GPU: unknown, not an error
+    return None if memory is None else (memory["total"] - memory["free"]) / (1 << 20)
 
 
 class FtZRuntime:
@@ -111,13 +105,12 @@ class FtZRuntime:
         specs = self.manifest["preprocess"]
         self.anchor_spec = ImageProcessorSpec.from_dict(specs["anchor"])
         self.augmenter_spec = ImageProcessorSpec.from_dict(specs["augmenter"]) if specs["augmenter"] else None
-        self.vision = self._vision_backend(vision, vision_backend, providers)
-        decoder_providers = choose_providers(providers)
-        if llm["execution_provider"] == "cpu":
-            # A CPU-built graph holds CPU-only kernels (e.g. the int4 MatMulNBits layout).
-            decoder_providers = ["CPUExecutionProvider"]
-        self.decoder = OnnxDecoder(self.bundle / llm["folder"], providers=decoder_providers)
+        # One rule for both sessions (ftz-doctor tests the same lists): never TensorRT for the decoder.
+        self.providers = provider_plan(llm["execution_provider"], providers)
+        self.vision = self._vision_backend(vision, vision_backend, self.providers.vision)
         self.num_image_tokens = vision["num_image_tokens"]
+        self._check_image_tokens(vision)
+        self.decoder = OnnxDecoder(self.bundle / llm["folder"], providers=self.providers.decoder)
         self.context_length = min(self.prompt_spec["max_length"], llm["context_length"])
         self.eos_token_ids = set(self.prompt_spec["eos_token_ids"])
         self.last_timings: Optional[Timings] = None
@@ -147,6 +140,16 @@ class FtZRuntime:
                       file=sys.stderr)
         return OrtVision(self.bundle / vision["file"], providers)
 
+    def _check_image_tokens(self, vision: dict) -> None:
+        """The manifest's image-token count sizes the context and the splice: it must be what the
+        vision graph emits wherever the graph states a static count."""
+        emitted = getattr(self.vision, "num_tokens", None)
+        if emitted is not None and emitted != self.num_image_tokens:
+            source = (vision.get("tensorrt") or {}).get("file") if self.vision.name == "tensorrt" else vision["file"]
+            raise BundleError(f"bundle {self.bundle}: the manifest says {self.num_image_tokens} image tokens per image "
+                              f"but {source} outputs {emitted}; the manifest does not describe this graph: re-export "
+                              "the bundle")
+
     @property
     def backends(self) -> Dict[str, str]:
         return {"vision": f"{self.vision.name} ({self.vision.provider})", "llm": f"onnxruntime ({self.decoder.provider})",
@@ -158,7 +161,8 @@ class FtZRuntime:
 
     def encode_images(self, images: Sequence, timings: Optional[Timings] = None) -> List[np.ndarray]:
         """Images -> one (tokens, width) embedding block each, in order. Images already in the
-        cache skip the vision tower; the others run through it together as one batch."""
+        cache skip the vision tower; the others go to it together (a TensorRT backend splits them
+        into batches its engine's profile accepts)."""
         timings = timings if timings is not None else Timings()
         start = time.perf_counter()
         pixels = self.preprocess(images)

@@ -1,19 +1,26 @@
 """The OpenAI Chat Completions wire format that ``ftz-serve`` speaks (torch-free).
 
-Requests are validated with pydantic (FastAPI's own), responses and stream chunks are built
-here, and errors are OpenAI error objects. Only what a local image-chat model can honour is
-accepted: ``n`` other than 1, tools and remote image URLs are refused with a clear message
-rather than silently ignored; fields that change nothing here (``user``, ``logprobs: false``,
-``frequency_penalty: 0`` ...) are accepted and ignored, as OpenAI clients send them.
+Requests are parsed here (``read_request``: JSON, then pydantic in strict mode, so a value must
+have the JSON type the API gives it: ``true`` is not an integer, ``"yes"`` not a boolean),
+responses and stream chunks are built here, and errors are OpenAI error objects. Only what a
+local image-chat model can honour is accepted: ``n`` other than 1, tools and tool choice,
+``response_format`` other than text, ``logprobs``, ``logit_bias``, audio and remote image URLs
+are refused with a 400 naming the field rather than silently ignored. ``presence_penalty`` and
+``frequency_penalty`` are honoured (OpenAI's semantics, see ``ftz_edge.runtime.generation``).
+Fields that change nothing here (``user``, ``store``, ``metadata``, ``logprobs: false``,
+``response_format: {"type": "text"}`` ...) are accepted and ignored, as OpenAI clients send them.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from ftz_edge.prompt import UnencodableTextError, check_encodable
 
 
 class APIError(Exception):
@@ -36,27 +43,49 @@ def error_body(message: str, kind: str = "invalid_request_error", param: Optiona
 
 # ------------------------------------------------------------------------------ request
 
+# strict: no coercion between JSON types (bool is not int, "5" is not 5); a JSON int is still
+# a valid number. NaN and Infinity (which Python's JSON reader accepts) are not numbers here.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+INT64 = 1 << 63
+
 
 class ImageURL(BaseModel):
+    model_config = STRICT
+
     url: str
     detail: Optional[Literal["auto", "low", "high"]] = None  # accepted; every image is encoded one way
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ImagePart(BaseModel):
+    model_config = STRICT
+
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+def part_kind(value: Any) -> Optional[str]:
+    """The content part's class by its ``type`` (tagged by class name, so that error locations
+    drop the tag like any union member's)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind) if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")]],
+    Discriminator(part_kind, custom_error_type="invalid_content_part",
+                  custom_error_message='a content part\'s type must be "text" or "image_url"'),
+]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **STRICT)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, List[ContentPart], None] = None
@@ -64,11 +93,13 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="ignore", **STRICT)
+
+    include_usage: Optional[bool] = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **STRICT)
 
     messages: List[ChatMessage] = Field(min_length=1)
     model: Optional[str] = None  # any name is answered by the one loaded model (clients often hard-code one)
@@ -76,14 +107,29 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)  # the newer name of max_tokens
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    seed: Optional[int] = Field(default=None, ge=-INT64, lt=INT64)  # OpenAI's range: int64
     stop: Union[str, List[str], None] = None
-    stream: bool = False
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
-    tools: Optional[list] = None
+    n: Optional[int] = 1
+    # Accepted only where they change nothing (check_supported says why otherwise).
+    tools: Optional[List[Any]] = None
+    tool_choice: Union[str, Dict[str, Any], None] = None
+    functions: Optional[List[Any]] = None  # the deprecated forms of tools / tool_choice
+    function_call: Union[str, Dict[str, Any], None] = None
+    response_format: Optional[Dict[str, Any]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    logit_bias: Optional[Dict[str, Any]] = None
+    modalities: Optional[List[str]] = None
+    audio: Optional[Dict[str, Any]] = None
 
     def new_token_limit(self) -> Optional[int]:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise APIError(400, "give max_completion_tokens or max_tokens (its older name), not both",
+                           param="max_completion_tokens")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def stop_strings(self) -> List[str]:
@@ -93,22 +139,87 @@ class ChatCompletionRequest(BaseModel):
         return [s for s in stops if s]
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per request", param="n")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this model", param="tools")
+        """Refuse (400, naming the field) what would change the answer's form in a way this
+        server cannot give, instead of answering as if it had not been asked."""
+        refusals = (
+            ("n", self.n not in (None, 1), f"n={self.n} is not supported: this server returns one choice per request"),
+            ("tools", bool(self.tools), "tools are not supported by this model"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool_choice is not supported by this model "
+                                                                      "(only \"none\")"),
+            ("functions", bool(self.functions), "functions are not supported by this model"),
+            ("function_call", self.function_call not in (None, "none"), "function_call is not supported by this model"),
+            ("response_format", self.response_format not in (None, {"type": "text"}),
+             "response_format: only {\"type\": \"text\"} is supported (no JSON mode or structured outputs): "
+             "this server answers in plain text"),
+            ("logprobs", bool(self.logprobs), "logprobs are not supported by this server"),
+            ("top_logprobs", bool(self.top_logprobs), "top_logprobs are not supported by this server"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported by this server"),
+            ("modalities", self.modalities not in (None, ["text"]), "only the text modality is supported"),
+            ("audio", self.audio is not None, "audio output is not supported by this model"),
+        )
+        for param, refused, message in refusals:
+            if refused:
+                raise APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def first_unencodable(data: Any) -> Optional[tuple]:
+    """(path, error) of the first string (key or value) in parsed JSON that UTF-8 cannot encode
+    (a lone surrogate from a ``\\ud800`` escape), else None. Iterative: depth costs no stack."""
+    stack: List[tuple] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        where = ".".join(path) or None
+        try:
+            if isinstance(value, str):
+                check_encodable(value, where or "the request body")
+            elif isinstance(value, dict):
+                for key in value:  # keys before they become part of a path (and of an error message)
+                    check_encodable(key, f"a key in {where or 'the request body'}")
+                stack.extend((path + (key,), item) for key, item in reversed(list(value.items())))
+            elif isinstance(value, list):
+                stack.extend((path + (str(i),), item) for i, item in reversed(list(enumerate(value))))
+        except UnencodableTextError as err:
+            return where, err
+    return None
+
+
+def read_request(raw: Union[bytes, bytearray]) -> ChatCompletionRequest:
+    """A request body -> the validated request, or an APIError (400) naming what is wrong.
+
+    Contract: raises nothing but ``APIError`` with a 4xx status, whatever the bytes."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # JSONDecodeError, bytes that are not UTF-8/16/32, an int of >4300 digits
+        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    found = first_unencodable(data)
+    if found is not None:
+        param, err = found
+        raise APIError(400, str(err), param=param, code="invalid_text")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as err:
+        message, param = validation_message(err.errors(include_url=False, include_input=False))
+        raise APIError(400, message, param=param) from None
+
+
+def union_tag(part: str) -> bool:
+    """A location part that names a union member (``str``, ``list[...]``, ``TextPart``), not a field."""
+    return part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
 
 
 def validation_message(errors: List[dict]) -> tuple:
-    """(message, param) of pydantic/FastAPI validation errors, in OpenAI's terms."""
-    first = errors[0]
+    """(message, param) of pydantic validation errors, in OpenAI's terms: the error that got
+    furthest into the input (for a union, the member the input was meant to be)."""
+    first = max(errors, key=lambda error: len(error.get("loc", ())))
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # Union members appear in the location as their class names: drop them for a readable path.
-    location = [part for part in location if not part[:1].isupper() and not part.startswith(("str", "list["))]
-    param = ".".join(location) or None
+    param = ".".join(part for part in location if not union_tag(part)) or None
     message = first.get("msg", "invalid request")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param

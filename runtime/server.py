@@ -15,13 +15,13 @@ client that went away (its generation then stops at the next token).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import hmac
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -33,19 +33,29 @@ from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlparse
 
 import fastapi
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ftz_edge.runtime.generation import GenerationConfig
+from ftz_edge.prompt import UnencodableTextError, check_encodable
+from ftz_edge.runtime.chat_cli import OneLineParser, finite_float
+from ftz_edge.runtime.generation import GenerationConfig, GenerationConfigError
 from ftz_edge.runtime.openai_api import (APIError, ChatCompletionRequest, ImagePart, chunk, completion,
-                                         completion_id, error_body, models_list, usage_chunk, validation_message)
+                                         completion_id, error_body, models_list, read_request, usage_chunk,
+                                         validation_message)
 
 log = logging.getLogger("ftz_edge.serve")
 
 MiB = 1 << 20
+BODY_TIMEOUT_S = 60.0  # a client slower than this to send its body gets 408 and gives back its queue place
+
+
+# ServeConfig fields whose ftz-serve option is not simply --the-field-name.
+CLI_OPTION = {"max_request_bytes": "--max-request-mb", "max_queued_bytes": "--max-queued-mb", "providers": "--provider", "warmup": "--no-warmup"}
 
 
 @dataclass
@@ -66,26 +76,66 @@ class ServeConfig:
     # OpenAI's default temperature is 1; small VLMs answer best greedy, so 0 unless asked.
     default_temperature: float = 0.0
     queue_size: int = 8  # requests waiting behind the running one; more get 429
+    # The bodies of admitted requests (waiting or running) together, by Content-Length; more get
+    # 429. With one body parsed at a time, this bounds what requests hold in memory: large
+    # base64 images fill it long before the queue is full (a request alone is always admitted).
+    # None: 3 x max_request_bytes.
+    max_queued_bytes: Optional[int] = None
     image_cache_mb: float = 256.0
     providers: Optional[List[str]] = None
     warmup: bool = True
     verify: bool = True  # check every bundle file's sha256 at load
 
     def validate(self) -> None:
+        """Check every option before the server starts (a server that would refuse every request
+        never starts); raises ValueError naming the option, as ``ftz-serve`` spells it."""
+        def option(name: str) -> str:
+            return f"{name} ({CLI_OPTION.get(name, '--' + name.replace('_', '-'))})"
+
         for name in ("max_request_bytes", "max_image_pixels", "max_images", "max_tokens_limit", "default_max_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
         if self.queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+            raise ValueError(f"{option('queue_size')} must be >= 0, got {self.queue_size}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"{option('port')} must be in 0..65535, got {self.port}")
+        if self.max_queued_bytes is not None and self.max_queued_bytes < self.max_request_bytes:
+            raise ValueError(f"{option('max_queued_bytes')} {self.max_queued_bytes / MiB:g} MiB is below "
+                             f"{option('max_request_bytes')} {self.max_request_bytes / MiB:g} MiB")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(f"default_max_tokens {self.default_max_tokens} is above max_tokens_limit {self.max_tokens_limit}")
+            raise ValueError(f"{option('default_max_tokens')} {self.default_max_tokens} is above "
+                             f"{option('max_tokens_limit')} {self.max_tokens_limit}")
+        # The range a request may ask for (OpenAI's): a default outside it is a mistake, not a choice.
+        if not (math.isfinite(self.default_temperature) and 0 <= self.default_temperature <= 2):
+            raise ValueError(f"{option('default_temperature')} must be in [0, 2], got {self.default_temperature}")
+        if not (math.isfinite(self.image_cache_mb) and self.image_cache_mb >= 0):
+            raise ValueError(f"{option('image_cache_mb')} must be >= 0 (0 turns the cache off), got {self.image_cache_mb}")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key and " " not in self.api_key):
+            raise ValueError(f"{option('api_key')} must be printable ASCII without spaces (it travels in an HTTP header)")
+        for name in ("host", "model_name"):  # the model name is in every answer: it must encode as UTF-8
+            if getattr(self, name) is not None:
+                if not getattr(self, name):
+                    raise ValueError(f"{option(name)} must not be empty")
+                check_encodable(getattr(self, name), option(name))
+        if self.model_name is None and self.bundle is not None:
+            check_encodable(Path(self.bundle).name, "the bundle folder's name (the model id clients see: "
+                                                    "give --model-name)")
         for folder in self.allow_local_files:
             if not Path(folder).is_dir():
                 raise ValueError(f"--allow-local-files {folder}: not a folder")
+        if self.providers:
+            from ftz_edge.runtime.vision import choose_providers
+
+            choose_providers(self.providers)  # a provider this onnxruntime lacks: its ValueError says which
+
+    def queued_bytes_limit(self) -> int:
+        return 3 * self.max_request_bytes if self.max_queued_bytes is None else self.max_queued_bytes
 
     def limits(self) -> dict:
-        return {k: v for k, v in asdict(self).items()
-                if k in ("max_request_bytes", "max_image_pixels", "max_images", "max_tokens_limit", "queue_size")}
+        return {**{k: v for k, v in asdict(self).items()
+                   if k in ("max_request_bytes", "max_image_pixels", "max_images", "max_tokens_limit", "queue_size")},
+                "max_queued_bytes": self.queued_bytes_limit()}
 
 
 # ------------------------------------------------------------------------------ the model worker
@@ -94,17 +144,25 @@ class ServeConfig:
 class Generation:
     """One request's generation: events flow from the worker thread to the request's task."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, messages: List[dict], images: list, config):
+    def __init__(self, loop: asyncio.AbstractEventLoop, messages: List[dict], images: list, config, size: int = 0):
         self.loop, self.messages, self.images, self.config = loop, messages, images, config
+        self.size = size  # its body's bytes, counted against max_queued_bytes until it is done
         self.events: "asyncio.Queue[tuple]" = asyncio.Queue()
-        self.cancel = threading.Event()  # set when the client goes away
+        self.cancel = threading.Event()  # set when the client goes away (or the server stops it)
         self.checked_at = time.monotonic()  # when the connection was last looked at
+        self.running = False  # taken by the worker (under the service's lock)
+        self.stop_error: Optional[APIError] = None  # why the server stopped it, answered instead of the rest
 
     def push(self, *event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutting down): nobody is waiting any more
             pass
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry when it is back", kind="server_error",
+                    code="shutting_down")
 
 
 class ModelService:
@@ -118,9 +176,11 @@ class ModelService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftz-model")
         self._lock = threading.Lock()
         self.in_flight = 0  # running + waiting
+        self.queued_bytes = 0  # their bodies' sizes, together
         # completed; cancelled (client left); invalid (a 4xx found while generating, e.g. the context);
-        # failed (a 5xx: the backend broke); rejected (429, queue full).
-        self.counts = {"completed": 0, "cancelled": 0, "invalid": 0, "failed": 0, "rejected": 0}
+        # failed (a 5xx: the backend broke); rejected (429, queue full); shut_down (503: queued or
+        # running when the server was told to stop).
+        self.counts = {"completed": 0, "cancelled": 0, "invalid": 0, "failed": 0, "rejected": 0, "shut_down": 0}
         self.live: set = set()  # admitted generations not finished yet (cancelled at shutdown)
 
     # -- loading --------------------------------------------------------------------------
@@ -141,39 +201,98 @@ class ModelService:
     def require_ready(self) -> None:
         if self.state == "ready":
             return
+        if self.state == "stopping":
+            raise shutting_down()
         if self.state == "error":
             raise APIError(503, f"the model failed to load: {self.load_error}", kind="server_error", code="model_load_failed")
         raise APIError(503, "the model is loading and warming up; retry shortly", kind="server_error",
                        code="model_warming", headers={"Retry-After": "1"})
 
     # -- the queue ------------------------------------------------------------------------
-    def admit(self) -> None:
+    def admit(self, size: int) -> None:
+        """Take a place for a request whose body is ``size`` bytes, or raise a 429: the queue is
+        full, or the admitted bodies would pass ``max_queued_bytes`` (a request alone always fits)."""
         with self._lock:
             if self.in_flight >= self.config.queue_size + 1:
-                self.counts["rejected"] += 1
-                raise APIError(429, f"the server is busy: {self.in_flight} request(s) running or queued "
-                                    f"(queue size {self.config.queue_size}); retry shortly",
-                               kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-            self.in_flight += 1
+                reason = f"{self.in_flight} request(s) running or queued (queue size {self.config.queue_size})"
+            elif self.in_flight and self.queued_bytes + size > self.config.queued_bytes_limit():
+                reason = (f"the {self.in_flight} request(s) running or queued hold {self.queued_bytes / MiB:.1f} MiB; "
+                          f"with this one's {size / MiB:.1f} MiB that passes the limit of "
+                          f"{self.config.queued_bytes_limit() / MiB:g} MiB")
+            else:
+                self.in_flight += 1
+                self.queued_bytes += size
+                return
+            self.counts["rejected"] += 1
+        raise APIError(429, f"the server is busy: {reason}; retry shortly", kind="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": "1"})
 
-    def release(self) -> None:
-        """Give back an admission whose job never reached the worker (e.g. a bad image URL)."""
+    def release(self, size: int) -> None:
+        """Give back an admission (its job is done, answered, or never reached the worker)."""
         with self._lock:
-            self.in_flight -= 1
+            self._release(size)
+
+    def _release(self, size: int) -> None:  # under the lock
+        self.in_flight -= 1
+        self.queued_bytes -= size
 
     def submit(self, job: Generation) -> None:
+        """Queue ``job`` for the worker (its admission is taken over: the worker gives it back)."""
         with self._lock:
+            if self.state == "stopping":
+                raise shutting_down()
             self.live.add(job)
-        self.executor.submit(self._run, job)
+        try:
+            self.executor.submit(self._run, job)
+        except RuntimeError:  # the executor was shut down since the check above
+            with self._lock:
+                self.live.discard(job)
+            raise shutting_down() from None
+
+    def drain(self, grace_s: Optional[float] = 0.0) -> None:
+        """Stop taking work (SIGTERM): new requests and every queued one are answered 503 at
+        once; the running generation has ``grace_s`` seconds to finish (None: until
+        ``shutdown``), then it is stopped and answered 503 too (streamed: an error event).
+        Safe to call more than once."""
+        with self._lock:
+            self.state = "stopping"
+            queued = [job for job in self.live if not job.running]
+            for job in queued:  # answered here: the worker will skip them (see _claim)
+                self.live.discard(job)
+                self._release(job.size)
+                self.counts["shut_down"] += 1
+        for job in queued:
+            job.cancel.set()
+            job.push("error", shutting_down())
+        if grace_s is None:
+            return
+        if grace_s > 0:
+            timer = threading.Timer(grace_s, self.stop_running)
+            timer.daemon = True
+            timer.start()
+        else:
+            self.stop_running()
+
+    def stop_running(self) -> None:
+        """Stop the running generation at its next token; its client gets a 503."""
+        with self._lock:
+            running = list(self.live)
+        for job in running:
+            job.stop_error = shutting_down()
+            job.cancel.set()
 
     def shutdown(self) -> None:
-        """Stop the running generation at its next token and answer every waiting one."""
-        with self._lock:
-            live, self.live = list(self.live), set()
-        for job in live:
-            job.cancel.set()
-            job.push("cancelled")
+        """At the very end (lifespan shutdown): answer whatever is still waiting or running."""
+        self.drain(0.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _claim(self, job: Generation) -> bool:
+        """Mark ``job`` running, unless it was answered while it waited (the server is stopping)."""
+        with self._lock:
+            if job not in self.live:
+                return False
+            job.running = True
+            return True
 
     def _run(self, job: Generation) -> None:
         """On the worker thread: decode the images, stream the answer into ``job``'s events."""
@@ -181,6 +300,8 @@ class ModelService:
         from ftz_edge.prompt import PromptError
         from ftz_edge.runtime.engine import ContextLengthError
 
+        if not self._claim(job):
+            return
         outcome, final = "failed", None
         try:
             if job.cancel.is_set():  # the client left while it waited in the queue
@@ -203,24 +324,31 @@ class ModelService:
             outcome, final = "invalid", ("error", err)
         except ContextLengthError as err:
             outcome, final = "invalid", ("error", APIError(400, str(err), param="messages", code="context_length_exceeded"))
+        except UnencodableTextError as err:  # the request parser refuses these first; kept as a backstop
+            param = "messages" if err.index is None else f"messages.{err.index}.content"
+            outcome, final = "invalid", ("error", APIError(400, str(err), param=param, code="invalid_text"))
+        except GenerationConfigError as err:
+            outcome, final = "invalid", ("error", APIError(400, str(err), param=API_PARAM.get(err.field, err.field)))
         except (ImageLoadError, PromptError, ValueError) as err:  # the runtime's word on a request it cannot take
             outcome, final = "invalid", ("error", APIError(400, str(err), param="messages"))
         except Exception as err:  # a backend failure: logged with its traceback, answered as a 500
             log.exception("generation failed")
             final = ("error", APIError(500, f"generation failed ({type(err).__name__}: {err})", kind="server_error"))
         finally:
+            if outcome == "cancelled" and job.stop_error is not None:  # stopped by the server, not the client
+                outcome, final = "shut_down", ("error", job.stop_error)
             # Counted and released before the last event goes out: a client that has its answer
             # sees a /health that already includes it.
             with self._lock:
                 self.counts[outcome] += 1
-                self.in_flight -= 1
+                self._release(job.size)
                 self.live.discard(job)
             job.push(*(final or ("cancelled",)))
 
     def health(self) -> dict:
         with self._lock:
             return {"status": self.state, "error": self.load_error, "in_flight": self.in_flight,
-                    "queue_size": self.config.queue_size, **self.counts,
+                    "queue_size": self.config.queue_size, "queued_bytes": self.queued_bytes, **self.counts,
                     "image_cache": self.runtime.image_cache.stats() if self.runtime is not None else None}
 
 
@@ -297,6 +425,51 @@ def without_placeholders(text: str) -> str:
     return text
 
 
+# GenerationConfig fields -> the request fields they come from.
+API_PARAM = {"max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class ParsedRequest:
+    """What the worker needs of a request. The body itself is not kept: a queued request holds
+    its text and its images' encoded bytes, never the body's base64."""
+
+    messages: List[dict]
+    images: List["PendingImage"]
+    generation: GenerationConfig
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(raw: bytes, config: ServeConfig) -> ParsedRequest:
+    """A request body -> a ``ParsedRequest``, or an ``APIError`` saying what is wrong with it.
+
+    Contract: raises nothing but ``APIError`` with a 4xx status, whatever ``raw`` holds (JSON,
+    types, ranges, unsupported fields, text that is not UTF-8, image URLs and their base64 are
+    all checked here; the images' pixels are decoded later, on the worker)."""
+    body = read_request(raw)
+    body.check_supported()
+    generation = generation_config(body, config)
+    messages, images = to_runtime_messages(body, config)
+    return ParsedRequest(messages, images, generation, stream=bool(body.stream),
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+def generation_config(body: ChatCompletionRequest, config: ServeConfig) -> GenerationConfig:
+    """The request's sampling settings, the server's defaults where it gives none."""
+    limit = body.new_token_limit() or config.default_max_tokens
+    if limit > config.max_tokens_limit:
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise APIError(400, f"{param} {limit} is above this server's limit of {config.max_tokens_limit}", param=param)
+    try:
+        return GenerationConfig(
+            max_new_tokens=limit, temperature=config.default_temperature if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=body.stop_strings())
+    except GenerationConfigError as err:  # the API's ranges are checked first; this names the field all the same
+        raise APIError(400, str(err), param=API_PARAM.get(err.field, err.field)) from None
+
+
 def to_runtime_messages(request, config: ServeConfig) -> Tuple[List[dict], List[PendingImage]]:
     """OpenAI messages -> the runtime's (messages with ``<image>`` placeholders, images in order)."""
     from ftz_edge.prompt import IMAGE_PLACEHOLDER
@@ -355,7 +528,9 @@ class Gatekeeper:
             length = headers.get(b"content-length")
             if length is None:
                 return APIError(411, "send a Content-Length header", code="length_required")
-            if not length.isdigit() or int(length) > self.max_bytes:
+            if not length.isdigit():
+                return APIError(400, "the Content-Length header is not a number", code="invalid_content_length")
+            if int(length) > self.max_bytes:
                 return APIError(413, f"the request is larger than this server's limit of {self.max_bytes} bytes",
                                 code="request_too_large")
         return None
@@ -442,32 +617,48 @@ def create_app(config: ServeConfig, runtime=None):
             except asyncio.TimeoutError:
                 continue
 
+    # One body parsed at a time: parsing (JSON, base64) holds the GIL anyway, and this bounds its
+    # transient memory (~3x a body) to one body, however many requests arrive together.
+    parse_lock = asyncio.Lock()
+
+    async def read_body(request: Request, size: int) -> bytearray:
+        """The body, grown in one buffer as it arrives (no list of chunks joined into a second
+        copy, and no memory taken for bytes a slow client has not sent yet), held to ``size``."""
+        body = bytearray()
+        async for piece in request.stream():
+            if len(body) + len(piece) > size:
+                raise APIError(400, "the body is longer than its Content-Length", code="invalid_content_length")
+            body += piece
+        if len(body) != size:
+            raise APIError(400, "the body is shorter than its Content-Length", code="invalid_content_length")
+        return body
+
+    async def parse(request: Request, size: int) -> ParsedRequest:
+        loop = asyncio.get_running_loop()
+        try:
+            raw = await asyncio.wait_for(read_body(request, size), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                           code="request_timeout") from None
+        async with parse_lock:
+            return await loop.run_in_executor(None, parse_request, raw, config)
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
         service.require_ready()
-        body.check_supported()
-        limit = body.new_token_limit() or config.default_max_tokens
-        if limit > config.max_tokens_limit:
-            raise APIError(400, f"max_tokens {limit} is above this server's limit of {config.max_tokens_limit}",
-                           param="max_tokens")
+        # Before the body is read: a request refused with 429 costs the server its headers only,
+        # and unread bodies wait in the socket (uvicorn stops reading), not in this process.
+        size = int(request.headers["content-length"])  # the Gatekeeper checked it: there, a number, within the limit
+        service.admit(size)
         try:
-            generation = GenerationConfig(
-                max_new_tokens=limit, temperature=config.default_temperature if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop_strings())
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
-        service.admit()  # before any image work: a request refused with 429 costs nothing
-        try:
-            # base64 decoding of up to max_request_bytes: off the event loop. Pixels are decoded
-            # later, on the worker, so waiting requests hold only compressed bytes.
-            messages, images = await asyncio.get_running_loop().run_in_executor(None, to_runtime_messages, body, config)
-            job = Generation(asyncio.get_running_loop(), messages, images, generation)
+            parsed = await parse(request, size)
+            job = Generation(asyncio.get_running_loop(), parsed.messages, parsed.images, parsed.generation, size)
             service.submit(job)
-        except RuntimeError:  # the executor is shutting down
-            service.release()
-            raise APIError(503, "the server is shutting down", kind="server_error") from None
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            service.release(size)
+            return JSONResponse(error_body("client disconnected"), status_code=499)
         except BaseException:
-            service.release()
+            service.release(size)
             raise
         first = await next_event(job, request)
         if first is None or first[0] == "cancelled":
@@ -476,7 +667,7 @@ def create_app(config: ServeConfig, runtime=None):
             raise first[1]
         request_id, model = completion_id(), model_id()
 
-        if not body.stream:
+        if not parsed.stream:
             text, event = [], first
             while event[0] == "delta":
                 text.append(event[1])
@@ -488,7 +679,7 @@ def create_app(config: ServeConfig, runtime=None):
             _, timings, finish_reason = event
             return completion(request_id, model, "".join(text), finish_reason, timings)
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage = parsed.include_usage
 
         async def events() -> AsyncIterator[bytes]:
             def sse(data: dict) -> bytes:
@@ -527,8 +718,24 @@ def create_app(config: ServeConfig, runtime=None):
 # ------------------------------------------------------------------------------ CLI
 
 
+class FtZServer(uvicorn.Server):
+    """uvicorn's server whose stop signal (SIGTERM, Ctrl-C) first drains the model's queue:
+    queued requests are answered 503 at once, instead of losing their connection when the grace
+    period runs out, and the running one has the grace period less a second to finish."""
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            service: ModelService = self.config.app.state.service
+            grace = self.config.timeout_graceful_shutdown
+            # A thread: a signal handler must not take the service's lock, which the main
+            # thread it interrupted may hold.
+            threading.Thread(target=service.drain, args=(None if grace is None else max(0.0, grace - 1.0),),
+                             daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ftz-serve", description="A local OpenAI-compatible image chat API over an FtZ bundle.")
+    parser = OneLineParser(prog="ftz-serve", description="A local OpenAI-compatible image chat API over an FtZ bundle.")
     defaults = ServeConfig()
     parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")
     parser.add_argument("--host", default=defaults.host, help="address to bind (default 127.0.0.1: this machine only)")
@@ -538,24 +745,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model-name", help="the model id clients see (default: the bundle folder's name)")
     parser.add_argument("--allow-local-files", action="append", default=[], metavar="FOLDER",
                         help="let file:// image URLs read images under FOLDER (repeatable; off by default)")
-    parser.add_argument("--max-request-mb", type=float, default=defaults.max_request_bytes / MiB)
+    parser.add_argument("--max-request-mb", type=finite_float, default=defaults.max_request_bytes / MiB)
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     parser.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
-    parser.add_argument("--default-temperature", type=float, default=defaults.default_temperature,
-                        help="when a request gives none (default 0 = greedy; OpenAI's is 1)")
+    parser.add_argument("--default-temperature", type=finite_float, default=defaults.default_temperature,
+                        help="when a request gives none, 0..2 (default 0 = greedy; OpenAI's is 1)")
     parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
                         help="requests that may wait behind the running one; more get 429")
-    parser.add_argument("--image-cache-mb", type=float, default=defaults.image_cache_mb)
+    parser.add_argument("--max-queued-mb", type=finite_float,
+                        help="request bodies that may be admitted (running or queued) together; more get 429 "
+                             "(default: 3 x --max-request-mb)")
+    parser.add_argument("--image-cache-mb", type=finite_float, default=defaults.image_cache_mb)
     parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up run at load")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="ftz-serve: %(levelname)s: %(message)s")
-
-    import uvicorn
 
     from ftz_edge.manifest import BundleError, read_manifest
 
@@ -564,9 +772,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          max_request_bytes=int(args.max_request_mb * MiB), max_image_pixels=args.max_image_pixels,
                          max_images=args.max_images, max_tokens_limit=args.max_tokens_limit,
                          default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
-                         queue_size=args.queue_size, image_cache_mb=args.image_cache_mb, providers=args.provider,
+                         queue_size=args.queue_size, max_queued_bytes=None if args.max_queued_mb is None else int(args.max_queued_mb * MiB),
+                         image_cache_mb=args.image_cache_mb, providers=args.provider,
                          warmup=not args.no_warmup)
     try:
+        config.validate()  # every option, before a minute of building the default bundle
         if config.bundle is None:
             from ftz_edge.runtime.chat_cli import ensure_default_bundle
 
@@ -576,10 +786,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BundleError, ValueError) as err:
         print(f"ftz-serve: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"ftz-serve: warning: listening on {config.host} without --api-key", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = FtZServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                      timeout_graceful_shutdown=5))
     service: ModelService = app.state.service
 
     def stop_when_loading_fails() -> None:

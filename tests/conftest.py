@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny random components written with save_pretrained, built once per session."""
+"""Shared fixtures: tiny random components written with save_pretrained, built once per session.
+
+Skip policy: where the environment variable ``CI`` is set (non-empty, not "0"/"false"), a skip
+is a failure unless its reason names one of ``ALLOWED_SKIPS`` - what a CPU-only CI machine
+cannot have. A missing extra, a missing file or a missing tool is then a red run, not a green one.
+"""
 
 import os
+import re
 import socket
 import subprocess
 
@@ -8,6 +14,52 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The only skips CI accepts: each needs hardware or software no CPU-only CI machine has.
+ALLOWED_SKIPS = (
+    ("real TensorRT", re.compile(r"\bTensorRT\b")),
+    ("CUDA or a GPU", re.compile(r"\bCUDA\b|\bGPU\b")),
+    ("Chromium, where it cannot be installed", re.compile(r"\bchromium\b", re.IGNORECASE)),
+)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def allowed_skip(reason: str) -> bool:
+    return any(pattern.search(reason) for _, pattern in ALLOWED_SKIPS)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_disallowed_skip(report) -> None:
+    if not (in_ci() and report.skipped) or hasattr(report, "wasxfail"):  # an xfail is not a skip
+        return
+    reason = _skip_reason(report)
+    if not allowed_skip(reason):
+        report.outcome = "failed"
+        allowed = "; ".join(name for name, _ in ALLOWED_SKIPS)
+        report.longrepr = (f"skipped in CI for a reason not on the allowed list ({allowed}): {reason}\n"
+                           "fix the environment (install the extra, the tool, the file) or the test")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_disallowed_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # A whole module's importorskip (a missing extra) is a collection-time skip.
+    outcome = yield
+    _fail_disallowed_skip(outcome.get_result())
 
 
 def free_port() -> int:

@@ -216,6 +216,24 @@ def test_not_available_rows_for_missing_tensorrt_and_llamacpp(monkeypatch):
     assert not any("llamacpp" in c.target or "tensorrt" in c.target for c in plan.cases)
 
 
+def test_tensorrt_rows_where_tensorrt_is_installed(monkeypatch):
+    """With TensorRT importable (the fakes of tests/fakes_tensorrt.py) the plan times it on a CUDA GPU and
+    says "no CUDA GPU" without one: the bench's tests hold whether or not TensorRT is installed."""
+    from fakes_tensorrt import install
+
+    from ftz_edge.bench import cli
+
+    install(monkeypatch)
+    _, args = cli.parse_args(["--suite", "vision", "--size", "default", "--repeats", "1", "--backends", "tensorrt"])
+    args.batches = [1]
+    plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
+    notes = {r["precision"]: r["note"] for r in plan.rows if r["backend"] == "TensorRT"}
+    assert set(notes) == {"fp16", "int8"} and all("no CUDA GPU" in note for note in notes.values()), notes
+    plan = cli.make_plan(args, gpu=True, cpu_flags=["avx2"])
+    assert not [r for r in plan.rows if r["backend"] == "TensorRT" and r["status"] == "not available"]
+    assert sorted(c.label.rsplit(" ", 1)[1] for c in plan.cases if c.target.endswith(":tensorrt_case")) == ["fp16", "int8"]
+
+
 def test_llamacpp_availability_without_the_package(monkeypatch):
     import sys
 
@@ -269,6 +287,13 @@ def test_cli_tiny_run_on_the_default_model(default_bundle, tmp_path, monkeypatch
     for name in ("answer_ms", "time_to_first_token_ms", "sum_of_parts_ms", "overhead_ms",
                  "first_token_sum_of_parts_ms", "part_vision_ms", "part_prefill_ms", "part_decode_ms"):
         assert name in e2e["metrics"], name
+    # TensorRT rows: measured where TensorRT and a CUDA GPU are present, else "not available" saying which is missing.
+    from ftz_edge.export.tensorrt import tensorrt_available
+
     trt = [r for r in data["rows"] if r["backend"] == "TensorRT"]
-    assert trt and all(r["status"] == "not available" for r in trt)
+    if tensorrt_available() and data["machine"]["gpu"] is not None:
+        expected, why = "ok", ""
+    else:
+        expected, why = "not available", "TensorRT is not installed" if not tensorrt_available() else "no CUDA GPU"
+    assert trt and all(r["status"] == expected and why in (r["note"] or "") for r in trt), trt
     assert "## Fusion overhead and dead-layer pruning" in (out / "results.md").read_text()

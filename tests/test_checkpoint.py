@@ -143,3 +143,59 @@ def test_saved_folders_are_readable_by_others(tiny_components, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("config_text, weights", [
+    ('{"name": "my app"}', True),  # a config file, but not an FtZConfig
+    ("[1, 2]", True),
+    ('{"llm": "some/llm"}', False),  # an FtZConfig, but no weights: not a checkpoint either
+])
+def test_only_a_provable_checkpoint_is_replaced(tiny_components, tmp_path, config_text, weights):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_text(config_text)
+    if weights:
+        (folder / checkpoint.WEIGHTS_NAME).write_bytes(b"")
+    (folder / "notes.txt").write_text("keep me")
+    assert not checkpoint.is_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="exists and is not an FtZ checkpoint"):
+        save_checkpoint(trained_model(tiny_components), folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("remove, role", [("llm", "llm"), ("anchor", "anchor"), ("augmenter", "augmenter")])
+def test_a_checkpoint_missing_a_stored_component_says_what_is_missing(tiny_components, tmp_path, remove, role):
+    """Without this, a config naming "llm" (stored inside the checkpoint) sent loading to the model hub."""
+    import shutil
+
+    model = trained_model(tiny_components)
+    model.config.llm_trained = True
+    save_checkpoint(model, tmp_path / "ckpt", include_encoders=True)
+    shutil.rmtree(tmp_path / "ckpt" / remove)
+    with pytest.raises(CheckpointError, match=rf"incomplete: its {role} is stored in {remove}/.*{remove} is missing"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_trained_llm_must_be_in_the_checkpoint(tiny_components, tmp_path):
+    save_checkpoint(trained_model(tiny_components), tmp_path / "ckpt")
+    config = FtZConfig.load(tmp_path / "ckpt")
+    config.llm_trained, config.llm = True, "Qwen/not-here"  # says trained, names a hub id
+    config.save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="LLM was trained .* the trained weights belong in"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_save_sweeps_the_leftovers_of_a_killed_save(tiny_components, tmp_path):
+    import subprocess
+    import sys
+
+    from ftz_edge import atomic
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    stale = tmp_path / f".ckpt.tmp-{atomic.host_tag()}-{process.pid}-abcd"
+    stale.mkdir()
+    (stale / checkpoint.WEIGHTS_NAME).write_bytes(b"half")
+    save_checkpoint(trained_model(tiny_components), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

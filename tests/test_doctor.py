@@ -1,17 +1,16 @@
 """ftz-doctor: what it finds on this machine, a bundle's budget, the Jetson plans, failure paths."""
 
-import enum
 import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ftz_edge.runtime import doctor
+from fakes_tensorrt import add_engine, copy_bundle, install
+from ftz_edge.runtime import device, doctor
 from ftz_edge.runtime import memory_budget as mb
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -37,7 +36,7 @@ def test_without_bundle_reports_this_machine(capsys):
     assert cpu["ok"] and cpu["needed"] and cpu["run_ms"] is not None, cpu
     ram = report["machine"]["ram"]
     assert 0 < ram["available"] <= ram["total"]
-    if shutil.which("nvidia-smi") is None and doctor.trt_tools._cudart() is None and report["machine"]["jetson"] is None:
+    if shutil.which("nvidia-smi") is None and device.cudart() is None and report["machine"]["jetson"] is None:
         assert report["machine"]["gpu"] is None and report["machine"]["unified_memory"]
     assert code == 0 and report["ok"] and not report["problems"], report["problems"]
 
@@ -96,6 +95,41 @@ def test_failing_provider_is_reported_and_fails_only_when_needed(monkeypatch, ca
         assert code == 0 and report["ok"], report["problems"]
 
 
+class FallsBackToCpu:
+    """onnxruntime.InferenceSession where ``provider`` lacks a kernel of the model, as ORT behaves:
+    with "session.disable_cpu_ep_fallback" = "1" the session fails; without it the node runs on the
+    CPU, quietly, with right results (so only the config entry makes the check mean anything)."""
+
+    def __init__(self, real, provider):
+        self.real, self.provider = real, provider
+
+    def __call__(self, model, sess_options=None, providers=None, **kwargs):
+        if not providers or providers[0] != self.provider:
+            return self.real(model, sess_options=sess_options, providers=providers, **kwargs)
+        try:
+            fallback_off = sess_options.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+        except (AttributeError, RuntimeError):  # ORT raises for a key never set
+            fallback_off = False
+        if fallback_off:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session contains graph nodes that are assigned "
+                               "to the default CPU EP, but fallback to CPU EP has been explicitly disabled by the user.")
+        session = self.real(model, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+        session.get_providers = lambda: [self.provider, "CPUExecutionProvider"]  # what ORT reports then
+        return session
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_a_failure(monkeypatch, capsys):
+    import onnxruntime
+
+    provider = "CUDAExecutionProvider"
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [provider, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FallsBackToCpu(onnxruntime.InferenceSession, provider))
+    code, report = run_json(capsys)
+    failed = next(r for r in report["providers"]["results"] if r["provider"] == provider)
+    assert not failed["ok"] and "fallback to CPU EP has been explicitly disabled" in failed["error"]
+    assert code == 1 and cpu_result(report)["ok"]
+
+
 # -- the bundle -----------------------------------------------------------------------------------
 def test_default_bundle(default_bundle, capsys):
     code, report = run_json(capsys, "--bundle", str(default_bundle))
@@ -140,47 +174,32 @@ def test_bundle_that_does_not_fit_gets_real_export_options(default_bundle, monke
 
 
 def _copy_with_engine(default_bundle, tmp_path, record):
-    from ftz_edge.manifest import write_manifest
+    """The default bundle with a 4096-byte all-zero "engine" and the given build record."""
+    def engine(manifest):
+        manifest["vision"]["engine"] = "trt"
+        manifest["vision"]["tensorrt"] = {"file": "vision/vision.engine", "record": record}
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle, bundle)
-    (bundle / "vision" / "vision.engine").write_bytes(b"\0" * 4096)
-    (bundle / "vision" / "vision.engine.json").write_text(json.dumps(record))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest.pop("files")
-    manifest["vision"]["engine"] = "trt"
-    manifest["vision"]["tensorrt"] = {"file": "vision/vision.engine", "record": record}
-    write_manifest(bundle, manifest)
-    return bundle
+    return copy_bundle(default_bundle, tmp_path / "bundle", engine, {"vision/vision.engine": b"\0" * 4096,
+                                                                     "vision/vision.engine.json": json.dumps(record).encode()})
+
+
+ORIN = {"name": "Orin", "compute_capability": "8.7", "total_memory": 7_600_000 * 1024}
 
 
 def fake_jetson(monkeypatch, tmp_path):
-    """An Orin Nano: device tree, L4T 36.4.3, 7.4 GiB RAM with 5.5 GiB available, cuda-python, TensorRT 10.3."""
+    """An Orin Nano: device tree, L4T 36.4.3, 7.4 GiB RAM with 5.5 GiB available, cuda-python, TensorRT 10.3
+    (the fakes of tests/fakes_tensorrt.py: engines really deserialize and run, or fail to)."""
     model, release, meminfo = tmp_path / "model", tmp_path / "nv_tegra_release", tmp_path / "meminfo"
     model.write_bytes(b"NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super\0")
     release.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8\n")
     meminfo.write_text(f"MemTotal:        {7_600_000} kB\nMemFree:         {1_000_000} kB\nMemAvailable:    {5_767_168} kB\n")
-    monkeypatch.setattr(doctor, "DEVICE_TREE_MODEL", model)
-    monkeypatch.setattr(doctor, "TEGRA_RELEASE", release)
+    monkeypatch.setattr(device, "DEVICE_TREE_MODEL", model)
+    monkeypatch.setattr(device, "TEGRA_RELEASE", release)
     monkeypatch.setattr(doctor, "MEMINFO", meminfo)
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError: /proc/meminfo is read
-
-    class Error(enum.IntEnum):
-        cudaSuccess = 0
-
-    props = types.SimpleNamespace(name=b"Orin", major=8, minor=7, totalGlobalMem=7_600_000 * 1024)
-    runtime = types.SimpleNamespace(cudaError_t=Error, cudaGetDeviceCount=lambda: (Error.cudaSuccess, 1),
-                                    cudaGetDeviceProperties=lambda index: (Error.cudaSuccess, props),
-                                    cudaMemGetInfo=lambda: (Error.cudaSuccess, 5 * GIB, 7 * GIB))
-    cuda = types.ModuleType("cuda")
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime, cuda.bindings = runtime, bindings
-    monkeypatch.setitem(sys.modules, "cuda", cuda)
-    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
-    tensorrt = types.ModuleType("tensorrt")
-    tensorrt.__version__ = "10.3.0"
-    monkeypatch.setitem(sys.modules, "tensorrt", tensorrt)
+    trt, cuda = install(monkeypatch, "10.3.0", ORIN)
+    cuda.free_memory = 5 * GIB
+    return trt, cuda
 
 
 RECORD = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "fp32",
@@ -189,8 +208,9 @@ RECORD = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability"
 
 
 def test_fake_jetson_with_a_matching_engine(default_bundle, monkeypatch, tmp_path, capsys):
-    fake_jetson(monkeypatch, tmp_path)
-    bundle = _copy_with_engine(default_bundle, tmp_path, RECORD)
+    trt, cuda = fake_jetson(monkeypatch, tmp_path)
+    bundle = copy_bundle(default_bundle, tmp_path / "bundle")
+    record = add_engine(bundle, workspace_bytes=2 * GIB)  # built on this (fake) Orin by ftz-export's builder
     code, report = run_json(capsys, "--bundle", str(bundle))
     machine = report["machine"]
     assert machine["jetson"]["l4t"] == "36.4.3" and machine["jetson"]["jetpack"] == "JetPack 6"
@@ -199,11 +219,13 @@ def test_fake_jetson_with_a_matching_engine(default_bundle, monkeypatch, tmp_pat
     assert machine["gpu_memory"]["free"] == 5 * GIB
     assert machine["ram"] == {"total": 7_600_000 * 1024, "available": 5_767_168 * 1024, "source": str(tmp_path / "meminfo")}
     engine = report["bundle"]["engine"]
-    assert engine["compatible"], engine
+    assert engine["compatible"] and engine["used"], engine
+    assert engine["run"]["ok"] and engine["run"]["run_ms"] is not None, engine["run"]  # deserialized and run, not trusted
+    assert ("execute_async_v3",) in trt.calls and cuda.live == [] and cuda.streams == {}
     budget = report["bundle"]["budgets"]["budget"]
     items = {i["name"]: i for i in budget["items"]}
-    assert items["vision weights"]["bytes"] == 4096  # the engine is what gets loaded
-    assert items["activations"]["bytes"] > 2 * GIB  # the recorded TensorRT workspace limit is counted
+    assert items["vision weights"]["bytes"] == (bundle / "vision" / "vision.engine").stat().st_size  # the engine is loaded
+    assert record["workspace_bytes"] == 2 * GIB and items["activations"]["bytes"] > 2 * GIB  # the TensorRT workspace counts
     here = report["bundle"]["budgets"]["fits"][0]
     assert "Jetson unified memory" in here["target"] and here["available"] == 5_767_168 * 1024
     assert code == 0, report["problems"]
@@ -211,6 +233,22 @@ def test_fake_jetson_with_a_matching_engine(default_bundle, monkeypatch, tmp_pat
     text_code = doctor.main(["--bundle", str(bundle)])
     text = capsys.readouterr().out
     assert text_code == 0 and "L4T 36.4.3 (JetPack 6)" in text and "compute capability 8.7" in text
+    assert "TensorRT engine run: ok" in text
+
+
+def test_fake_jetson_with_an_engine_file_of_zeros(default_bundle, monkeypatch, tmp_path, capsys):
+    """The build record says "this GPU, this TensorRT"; the file is 4096 zero bytes: the doctor must not trust it."""
+    fake_jetson(monkeypatch, tmp_path)
+    bundle = _copy_with_engine(default_bundle, tmp_path, RECORD)
+    code, report = run_json(capsys, "--bundle", str(bundle))
+    engine = report["bundle"]["engine"]
+    assert engine["compatible"] and not engine["used"] and not engine["run"]["ok"]
+    assert "could not deserialize" in engine["run"]["error"]
+    assert code == 1 and any("does not run here although its build record says" in p for p in report["problems"])
+    items = {item["name"]: item for item in report["bundle"]["budgets"]["budget"]["items"]}
+    assert items["vision weights"]["bytes"] != 4096  # the runtime would load the vision ONNX instead: that is budgeted
+    assert doctor.main(["--bundle", str(bundle)]) == 1
+    assert "TensorRT engine run: FAILED" in capsys.readouterr().out
 
 
 def test_fake_jetson_with_an_engine_from_another_gpu(default_bundle, monkeypatch, tmp_path, capsys):
@@ -221,6 +259,7 @@ def test_fake_jetson_with_an_engine_from_another_gpu(default_bundle, monkeypatch
     code, report = run_json(capsys, "--bundle", str(bundle))
     engine = report["bundle"]["engine"]
     assert not engine["compatible"] and "9.0" in engine["reason"] and "10.16.0" in engine["reason"]
+    assert not engine["run"]["ok"]  # tried all the same: the record is a claim
     # The runtime falls back to the vision ONNX: a warning (slower), not a failure, and the ONNX is budgeted.
     assert code == 0 and any("rebuild it on this device" in w for w in report["bundle"]["warnings"]), report["bundle"]
     items = {item["name"]: item for item in report["bundle"]["budgets"]["budget"]["items"]}
@@ -237,6 +276,37 @@ def test_jetson_without_cuda_python_infers_orin(monkeypatch, tmp_path, capsys):
     gpu = report["machine"]["gpu"]
     assert gpu["compute_capability"] == "8.7" and "device tree" in gpu["source"]
     assert report["machine"]["tensorrt"]["version"] is None and code == 0
+
+
+def test_doctor_tests_the_provider_lists_the_runtime_uses(default_bundle, tmp_path, monkeypatch, capsys):
+    """Where onnxruntime lists TensorRT, CUDA and the CPU, a CUDA-built decoder gets CUDA + CPU in
+    the runtime and in the doctor alike (one function, runtime.vision.provider_plan), never TensorRT."""
+    import onnxruntime
+
+    from ftz_edge.runtime.engine import FtZRuntime
+
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    bundle = copy_bundle(default_bundle, tmp_path / "bundle", lambda m: m["llm"].update(execution_provider="cuda"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(everything))
+    sessions = []
+    real = onnxruntime.InferenceSession
+
+    def recording(model, sess_options=None, providers=None, **kwargs):
+        where = "tiny" if isinstance(model, bytes) else Path(str(model)).parent.name
+        sessions.append((where, list(providers)))
+        return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    FtZRuntime(bundle)
+    runtime_sessions, sessions[:] = list(sessions), []
+    code, report = run_json(capsys, "--bundle", str(bundle))
+    assert report["bundle"]["providers"] == {"vision": everything, "decoder": everything[1:]}
+    runtime_decoder = [providers for where, providers in runtime_sessions if where == "llm"]
+    doctor_decoder = [providers for where, providers in sessions if where == "llm"]
+    assert runtime_decoder == doctor_decoder == [everything[1:]]
+    # the vision graph: each of the runtime's providers alone (TensorRT's would build an engine: skipped)
+    assert [providers for where, providers in sessions if where == "vision"] == [[p] for p in everything[1:]]
+    assert [r["provider"] for r in report["bundle"]["vision_runs"]] == everything
 
 
 def test_tampered_bundle_fails(default_bundle, tmp_path, capsys):

@@ -14,6 +14,7 @@ from ftz_edge.manifest import BundleError
 from ftz_edge.preprocess import ImageLoadError
 from ftz_edge.runtime.engine import ContextLengthError, Conversation, FtZRuntime
 from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
+from fakes_tensorrt import add_engine, copy_bundle, install
 
 DEFAULT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
 EXAMPLES = json.loads((DEFAULT / "examples" / "examples.json").read_text())
@@ -276,23 +277,105 @@ def test_image_cache_is_lru_within_its_byte_budget():
         ImageEmbeddingCache(-1)
 
 
-def test_an_unusable_tensorrt_engine_falls_back_to_onnxruntime(default_bundle, monkeypatch, capsys):
-    from ftz_edge.runtime import engine as engine_module
+# -- the device path: TensorRT engines (against tests/fakes_tensorrt.py) and provider lists ----------
 
-    real_read = engine_module.read_manifest
+def test_an_unusable_tensorrt_engine_falls_back_to_onnxruntime(default_bundle, tmp_path, monkeypatch, capsys):
+    """A file TensorRT cannot deserialize (here: zeros) goes through the real TensorRTVision."""
+    install(monkeypatch)
 
-    def manifest_with_engine(bundle, verify=True):
-        manifest = real_read(bundle, verify)
-        manifest["vision"]["tensorrt"] = {"file": "vision.engine"}
-        return manifest
+    def zero_engine(manifest):
+        manifest["vision"]["engine"] = "trt"
+        manifest["vision"]["tensorrt"] = {"file": "vision/vision.engine", "record": {}}
 
-    def engine_for_another_gpu(path):
-        raise RuntimeError(f"TensorRT could not deserialize {path}: built for another GPU or TensorRT version?")
-
-    monkeypatch.setattr(engine_module, "read_manifest", manifest_with_engine)
-    monkeypatch.setattr(engine_module, "TensorRTVision", engine_for_another_gpu)
-    runtime = FtZRuntime(default_bundle)
+    bundle = copy_bundle(default_bundle, tmp_path / "bundle", zero_engine, {"vision/vision.engine": b"\0" * 4096})
+    runtime = FtZRuntime(bundle)
     assert runtime.vision.name == "onnxruntime"
-    assert "TensorRT engine not used" in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="another GPU"):
-        FtZRuntime(default_bundle, vision_backend="tensorrt")
+    err = capsys.readouterr().err
+    assert "TensorRT engine not used" in err and "could not deserialize" in err
+    with pytest.raises(RuntimeError, match="could not deserialize .*another GPU"):
+        FtZRuntime(bundle, vision_backend="tensorrt")
+
+
+@pytest.fixture
+def engine_bundle(default_bundle, tmp_path, monkeypatch):
+    """The default bundle with an engine built from its vision graph (profile batches 1..2); the fake
+    engine computes with that graph, so its answers are the ONNX path's."""
+    trt, cuda = install(monkeypatch)
+    bundle = copy_bundle(default_bundle, tmp_path / "bundle")
+    add_engine(bundle, batch_min=1, batch_opt=1, batch_max=2)
+    return bundle, cuda
+
+
+def test_a_tensorrt_engine_answers_like_the_onnx_graph(engine_bundle, default_bundle):
+    bundle, cuda = engine_bundle
+    runtime = FtZRuntime(bundle, vision_backend="tensorrt")
+    assert runtime.vision.name == "tensorrt" and runtime.backends["vision"] == "tensorrt (TensorRT engine)"
+    assert runtime.vision.num_tokens == runtime.num_image_tokens
+    reference = FtZRuntime(default_bundle)
+    image, question = DEFAULT / "examples" / EXAMPLES[0]["image"], EXAMPLES[0]["question"]
+    assert runtime.answer(image, question) == reference.answer(image, question)
+    assert FtZRuntime(bundle).vision.name == "tensorrt"  # auto picks the engine where it loads
+    assert cuda.live == []
+
+
+def test_more_images_than_the_engine_profile_takes(engine_bundle, default_bundle):
+    """Three uncached images, profile batch_max 2: the engine gets batches of 2 and 1, in order."""
+    bundle, cuda = engine_bundle
+    runtime = FtZRuntime(bundle, vision_backend="tensorrt")
+    images = [DEFAULT / "examples" / EXAMPLES[i]["image"] for i in (0, 1, 3)]
+    blocks = runtime.encode_images(images)
+    batches = [dims[0] for name, dims in runtime.vision.context.input_shapes_set if name == "anchor_pixels"]
+    assert batches == [2, 1]
+    expected = FtZRuntime(default_bundle, image_cache_mb=0).encode_images(images)
+    for got, want in zip(blocks, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    messages = [{"role": "user", "content": "<image>\n<image>\n<image>\nWhich one is red?"}]
+    assert "".join(runtime.stream(messages, images, GenerationConfig(max_new_tokens=4))) is not None
+    assert cuda.live == []
+
+
+def test_decoders_never_get_the_tensorrt_provider(default_bundle, tmp_path, monkeypatch):
+    """ORT's TensorRT provider has no GroupQueryAttention / MatMulNBits: a CUDA-built decoder gets
+    CUDA + CPU even where TensorRT is the vision graph's first choice."""
+    import onnxruntime
+
+    from ftz_edge.runtime.vision import provider_plan
+
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    plan = provider_plan("cuda", available=everything)
+    assert plan.vision == everything and plan.decoder == everything[1:]
+    assert provider_plan("cpu", available=everything).decoder == ["CPUExecutionProvider"]
+    assert provider_plan("cuda", ["TensorrtExecutionProvider"], everything).decoder == everything[1:]
+    assert provider_plan("cuda", ["CPUExecutionProvider"], everything).decoder == ["CPUExecutionProvider"]
+    assert provider_plan("cuda", available=["CPUExecutionProvider"]).decoder == ["CPUExecutionProvider"]
+
+    bundle = copy_bundle(default_bundle, tmp_path / "bundle", lambda m: m["llm"].update(execution_provider="cuda"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(everything))
+    sessions = []
+    real = onnxruntime.InferenceSession
+
+    def recording(model, sess_options=None, providers=None, **kwargs):
+        sessions.append((Path(str(model)).parent.name, list(providers)))
+        return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    runtime = FtZRuntime(bundle)
+    assert dict(sessions) == {"vision": everything, "llm": everything[1:]}
+    assert (runtime.providers.vision, runtime.providers.decoder) == (everything, everything[1:])
+
+
+def test_manifest_image_tokens_must_match_the_graph(default_bundle, engine_bundle, tmp_path):
+    from ftz_edge.manifest import BundleError
+
+    def one_more(manifest):  # the manifest agrees with itself (count and recorded shape), not with the graph
+        manifest["vision"]["num_image_tokens"] += 1
+        manifest["vision"]["outputs"][0]["shape"][1] += 1
+
+    tokens = FtZRuntime(default_bundle).num_image_tokens
+    wrong = copy_bundle(default_bundle, tmp_path / "wrong", one_more)
+    with pytest.raises(BundleError, match=f"manifest says {tokens + 1} image tokens per image but "
+                                          f"vision/vision.onnx outputs {tokens}"):
+        FtZRuntime(wrong)
+    wrong_engine = copy_bundle(engine_bundle[0], tmp_path / "wrong-engine", one_more)
+    with pytest.raises(BundleError, match=f"but vision/vision.engine outputs {tokens}"):
+        FtZRuntime(wrong_engine, vision_backend="tensorrt")

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai", reason="the serve tests use the official client: pip install -e '.[dev]'")
-pytest.importorskip("fastapi")
+# Imported, not importorskip'ed: on a dev install (pip install -e '.[dev]') a missing serve
+# extra or client must fail these tests, not turn them into a green skip.
+import httpx
+import openai
+from conftest import free_port, stop_process
 
-from conftest import free_port, stop_process  # noqa: E402
-from ftz_edge.runtime.engine import FtZRuntime, Timings  # noqa: E402
+from ftz_edge.runtime.engine import FtZRuntime, Timings
 
 DEFAULT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
 EXAMPLES_DIR = DEFAULT / "examples"
@@ -233,6 +235,7 @@ def big_image(pixels_side: int) -> Image.Image:
 
 
 ONE_IMAGE = str(EXAMPLES_DIR / EXAMPLES[0]["image"])
+HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("name, body, status, expect", [
@@ -260,6 +263,26 @@ ONE_IMAGE = str(EXAMPLES_DIR / EXAMPLES[0]["image"])
         {"type": "image_url", "image_url": {"url": data_url(ONE_IMAGE)}}]}, {"role": "user", "content": "hi"}]}, 400,
      "only accepted in user messages"),
     ("request too large", {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413, "larger than"),
+    ("more than 4 stop strings", {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
+    # Values of another JSON type are refused, not coerced (true is not 1, "yes" is not true).
+    ("max_tokens a boolean", {"messages": HI, "max_tokens": True}, 400, "max_tokens"),
+    ("stream a string", {"messages": HI, "stream": "yes"}, 400, "stream"),
+    ("temperature a string", {"messages": HI, "temperature": "0.5"}, 400, "temperature"),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
+    ("seed past int64", {"messages": HI, "seed": 1 << 63}, 400, "seed"),
+    ("both token limits", {"messages": HI, "max_tokens": 3, "max_completion_tokens": 3}, 400, "not both"),
+    ("presence_penalty out of range", {"messages": HI, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency_penalty out of range", {"messages": HI, "frequency_penalty": -3}, 400, "frequency_penalty"),
+    # Asked for but not served: refused, naming the field (never silently ignored).
+    ("response_format json_object", {"messages": HI, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("response_format json_schema", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}, 400, "response_format"),
+    ("logprobs", {"messages": HI, "logprobs": True}, 400, "logprobs"),
+    ("top_logprobs", {"messages": HI, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("tools", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("tool_choice", {"messages": HI, "tool_choice": "required"}, 400, "tool_choice"),
+    ("logit_bias", {"messages": HI, "logit_bias": {"50256": -100}}, 400, "logit_bias"),
 ])
 def test_bad_requests_get_openai_errors(server, name, body, status, expect):
     response = post(server, body)
@@ -269,6 +292,56 @@ def test_bad_requests_get_openai_errors(server, name, body, status, expect):
     assert set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("body, param", [
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
+    (b'{"messages": [{"role": "system", "content": "be \\udfff brief"}, {"role": "user", "content": "hi"}]}',
+     "messages.0.content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\\udcff"}]}]}', "messages.0.content.0.text"),
+    (b'{"messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}', "messages.0.content"),  # a raw encoded surrogate
+])
+def test_text_that_is_not_utf8_is_a_400_naming_the_field(server, body, param):
+    """A lone surrogate (JSON lets one be written) was a 500 from the tokenizer."""
+    before = httpx.get(server["base"] + "/health").json()["failed"]
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "not valid UTF-8" in error["message"] and error["code"] == "invalid_text"
+    assert httpx.get(server["base"] + "/health").json()["failed"] == before
+
+
+def test_harmless_fields_are_accepted_and_seed_minus_one_reproduces(client, runtime):
+    """Fields that ask for what the server does anyway are accepted; OpenAI's seed range is int64."""
+    image = EXAMPLES_DIR / EXAMPLES[1]["image"]
+    plain = client.chat.completions.create(model="ftz", messages=image_message("What is it?", image), max_tokens=8)
+    same = client.chat.completions.create(
+        model="ftz", messages=image_message("What is it?", image), max_tokens=8, response_format={"type": "text"},
+        logprobs=False, top_logprobs=0, tool_choice="none", presence_penalty=0, frequency_penalty=0, n=1)
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    sampled = [client.chat.completions.create(model="ftz", messages=image_message("What is it?", image), max_tokens=8,
+                                              temperature=1.5, seed=-1).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_openai_parse_with_a_response_format_is_refused_naming_it(client):
+    """openai's .parse(response_format=Model) needs JSON the server does not constrain: a clear 400,
+    not a plain-text answer that fails to parse on the client."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        colour: str
+
+    with pytest.raises(openai.BadRequestError, match="response_format") as info:
+        client.chat.completions.parse(model="ftz", messages=HI, response_format=Answer)
+    assert info.value.param == "response_format"
+
+
+def test_a_body_without_content_length_gets_411(server):
+    """Chunked bodies are refused before they are read (every OpenAI client sends Content-Length)."""
+    response = httpx.post(server["base"] + "/v1/chat/completions", content=iter([json.dumps({"messages": HI}).encode()]),
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 411 and response.json()["error"]["code"] == "length_required"
+
+
 def test_finish_reasons_stop_strings_and_smuggled_placeholders(client, runtime, server):
     image = EXAMPLES_DIR / EXAMPLES[0]["image"]
     full = runtime.answer(image, "Describe the image.")
@@ -276,10 +349,10 @@ def test_finish_reasons_stop_strings_and_smuggled_placeholders(client, runtime, 
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 1
     ended = client.chat.completions.create(model="ftz", messages=image_message("Describe the image.", image))
     assert ended.choices[0].finish_reason == "stop" and ended.choices[0].message.content == full
-    if len(full) >= 2:
-        stopped = client.chat.completions.create(model="ftz", messages=image_message("Describe the image.", image),
-                                                 stop=[full[1:]])
-        assert stopped.choices[0].message.content == full[:1] and stopped.choices[0].finish_reason == "stop"
+    assert len(full) >= 2, full  # so that a stop string can cut it after its first character
+    stopped = client.chat.completions.create(model="ftz", messages=image_message("Describe the image.", image),
+                                             stop=[full[1:]])
+    assert stopped.choices[0].message.content == full[:1] and stopped.choices[0].finish_reason == "stop"
     # "<image>" typed (or hidden) in text is not an image: it is dropped, never a 500.
     before = httpx.get(server["base"] + "/health").json()["failed"]
     for text in ("a <image> b", "a <im<image>age> b"):
@@ -367,6 +440,7 @@ class SlowRuntime:
     def __init__(self, runtime, delay=0.02):
         self._runtime, self.delay = runtime, delay
         self.produced = 0
+        self.configs = []  # the GenerationConfig of every generation started
         self.last_timings, self.last_finish_reason = None, None
         self.gate = threading.Event()  # cleared: a generation waits before its first token
         self.gate.set()
@@ -375,6 +449,7 @@ class SlowRuntime:
         return getattr(self._runtime, name)
 
     def stream(self, messages, images, config):
+        self.configs.append(config)
         self.gate.wait(30)
         for _ in range(config.max_new_tokens):
             time.sleep(self.delay)
@@ -384,23 +459,35 @@ class SlowRuntime:
         self.last_finish_reason = "length"
 
 
-@pytest.fixture
-def slow_server(default_bundle):
+def start_server(bundle, runtime, grace_s=5.0, **config):
+    """ftz-serve's app and server class (as ``main`` builds them) on a thread, over ``runtime``."""
     import uvicorn
 
-    from ftz_edge.runtime.server import ServeConfig, create_app
+    from ftz_edge.runtime.server import FtZServer, ServeConfig, create_app
 
-    slow = SlowRuntime(FtZRuntime(default_bundle))
     port = free_port()
-    app = create_app(ServeConfig(bundle=str(default_bundle), port=port, queue_size=1), runtime=slow)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(ServeConfig(bundle=str(bundle), port=port, **config), runtime=runtime)
+    server = FtZServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                      timeout_graceful_shutdown=grace_s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, timeout=30)
-    yield {"base": base, "runtime": slow}
-    server.should_exit = True
-    thread.join(timeout=10)
+    return {"base": base, "runtime": runtime, "server": server, "thread": thread, "port": port,
+            "health": lambda: httpx.get(base + "/health").json()}
+
+
+@pytest.fixture(scope="module")
+def shared_runtime(default_bundle):
+    return FtZRuntime(default_bundle)
+
+
+@pytest.fixture
+def slow_server(default_bundle, shared_runtime):
+    running = start_server(default_bundle, SlowRuntime(shared_runtime), queue_size=1)
+    yield running
+    running["server"].should_exit = True
+    running["thread"].join(timeout=10)
 
 
 def wait_for(condition, timeout=30.0):
@@ -455,6 +542,169 @@ def test_a_client_that_disconnects_stops_its_generation(slow_server):
     ok = httpx.post(slow_server["base"] + "/v1/chat/completions", timeout=60,
                     json={"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "tok tok tok "
+
+
+def test_a_request_cancelled_while_queued_never_runs(slow_server):
+    """A client that leaves while its request waits: the worker skips it (no generation)."""
+    base, slow, health = slow_server["base"], slow_server["runtime"], slow_server["health"]
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3}
+    slow.gate.clear()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(httpx.post, base + "/v1/chat/completions", json=body, timeout=60)
+        wait_for(lambda: health()["in_flight"] == 1)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the held one; its client gives up
+            httpx.post(base + "/v1/chat/completions", json=body, timeout=1.0)
+        time.sleep(0.6)  # the server looks at a waiting connection every quarter second
+        slow.gate.set()
+        assert first.result().status_code == 200
+    wait_for(lambda: health()["in_flight"] == 0)
+    after = health()
+    assert after["completed"] == 1 and after["cancelled"] == 1 and after["queued_bytes"] == 0
+    assert len(slow.configs) == 1  # the cancelled one never reached the model
+
+
+def test_penalties_reach_the_token_chooser(slow_server):
+    response = httpx.post(slow_server["base"] + "/v1/chat/completions", timeout=60, json={
+        "messages": HI, "max_tokens": 2, "presence_penalty": 1.5, "frequency_penalty": -0.5, "seed": -7})
+    assert response.status_code == 200, response.text
+    config = slow_server["runtime"].configs[-1]
+    assert (config.presence_penalty, config.frequency_penalty, config.seed) == (1.5, -0.5, -7)
+
+
+def headers_only(port: int, length: int, timeout: float = 10.0) -> bytes:
+    """Send a POST's headers, declaring ``length`` bytes of body, and none of the body: the reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % length)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):  # headers, then the JSON error
+            piece = connection.recv(4096)
+            if not piece:
+                break
+            reply += piece
+        return reply
+
+
+def test_a_full_queue_answers_429_before_reading_the_body(slow_server):
+    """The 429 comes from the headers alone: the body is never read nor parsed (it was, ~0.3 s
+    for 19 MB, before each 429)."""
+    base, slow, health = slow_server["base"], slow_server["runtime"], slow_server["health"]
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3}
+    slow.gate.clear()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = [pool.submit(httpx.post, base + "/v1/chat/completions", json=body, timeout=60)]
+        wait_for(lambda: health()["in_flight"] == 1)
+        held.append(pool.submit(httpx.post, base + "/v1/chat/completions", json=body, timeout=60))
+        wait_for(lambda: health()["in_flight"] == 2)
+        start = time.perf_counter()
+        reply = headers_only(slow_server["port"], 19 << 20)
+        assert reply.startswith(b"HTTP/1.1 429"), reply[:200]
+        assert b"queue_full" in reply and time.perf_counter() - start < 5
+        slow.gate.set()
+        assert [future.result().status_code for future in held] == [200, 200]
+
+
+def test_admitted_bodies_are_bounded_in_bytes(default_bundle, shared_runtime):
+    """Large bodies fill --max-queued-mb before the queue is full: the next large one gets 429,
+    a small one still gets in."""
+    slow = SlowRuntime(shared_runtime)
+    running = start_server(default_bundle, slow, queue_size=4, max_request_bytes=1 << 20, max_queued_bytes=1 << 20)
+    base, health = running["base"], running["health"]
+    small = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 2}
+    large = {"messages": [{"role": "user", "content": "x " * 300_000}], "max_tokens": 2}  # 0.6 MB
+    try:
+        slow.gate.clear()
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            first = pool.submit(httpx.post, base + "/v1/chat/completions", json=large, timeout=60)
+            wait_for(lambda: health()["in_flight"] == 1)
+            refused = httpx.post(base + "/v1/chat/completions", json=large, timeout=60)
+            assert refused.status_code == 429 and "passes the limit" in refused.json()["error"]["message"]
+            second = pool.submit(httpx.post, base + "/v1/chat/completions", json=small, timeout=60)
+            wait_for(lambda: health()["in_flight"] == 2)
+            slow.gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert health()["queued_bytes"] == 0 and health()["rejected"] == 1
+    finally:
+        running["server"].should_exit = True
+        running["thread"].join(timeout=10)
+
+
+def test_sigterm_answers_queued_and_running_requests_503(default_bundle, shared_runtime):
+    """A stop signal: the queued client gets a 503 with a message at once (it got an empty reply
+    when uvicorn's grace period ran out); the running one gets the grace period less a second,
+    then a 503 too, and the server exits."""
+    slow = SlowRuntime(shared_runtime, delay=0.05)
+    running = start_server(default_bundle, slow, grace_s=2.0, queue_size=2)
+    base, health = running["base"], running["health"]
+    long = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 1000}  # 50 s if not stopped
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(httpx.post, base + "/v1/chat/completions", json=long, timeout=60)
+        wait_for(lambda: slow.produced > 0)
+        queued = pool.submit(httpx.post, base + "/v1/chat/completions", json=long, timeout=60)
+        wait_for(lambda: health()["in_flight"] == 2)
+        start = time.perf_counter()
+        running["server"].handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        answer = queued.result()
+        assert answer.status_code == 503 and time.perf_counter() - start < 1.5
+        assert answer.json()["error"]["code"] == "shutting_down" and "shutting down" in answer.json()["error"]["message"]
+        stopped = first.result()
+        assert stopped.status_code == 503 and stopped.json()["error"]["code"] == "shutting_down"
+    running["thread"].join(timeout=10)
+    assert not running["thread"].is_alive()
+    assert slow.produced < 100  # stopped after about its second of grace, not at its 1000th token
+    service = running["server"].config.app.state.service
+    assert service.counts["shut_down"] == 2 and service.in_flight == 0 and service.queued_bytes == 0
+
+
+class FailingRuntime(SlowRuntime):
+    """A runtime whose backend breaks mid-answer (as a lost GPU would)."""
+
+    def stream(self, messages, images, config):
+        yield "partial "
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_a_backend_failure_is_a_500_and_the_server_carries_on(shared_runtime, default_bundle):
+    from fastapi.testclient import TestClient
+
+    from ftz_edge.runtime.server import ServeConfig, create_app
+
+    app = create_app(ServeConfig(bundle=str(default_bundle)), runtime=FailingRuntime(shared_runtime))
+    with TestClient(app) as http:
+        response = http.post("/v1/chat/completions", json={"messages": HI})
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "RuntimeError: the accelerator fell over" in error["message"]
+        # Streamed: the headers went out with the first token, so the error is the last event.
+        with http.stream("POST", "/v1/chat/completions", json={"messages": HI, "stream": True}) as stream:
+            events = [line for line in stream.iter_lines() if line]
+        assert stream.status_code == 200 and "partial" in events[1]
+        assert json.loads(events[-1][6:])["error"]["type"] == "server_error"
+        health = http.get("/health").json()
+        assert health["failed"] == 2 and health["in_flight"] == 0 and health["status"] == "ready"
+
+
+def test_text_that_reaches_the_worker_unchecked_is_still_a_400(shared_runtime, default_bundle):
+    """The backstop behind the parser: the runtime's own refusal of text that is not UTF-8 is a
+    400 naming the message (it was tokenizers' TypeError, a 500)."""
+    from ftz_edge.runtime.generation import GenerationConfig
+    from ftz_edge.runtime.server import Generation, ModelService, ServeConfig
+
+    class Direct:  # delivers the worker's events at once (no event loop needed)
+        def call_soon_threadsafe(self, callback, *args):
+            callback(*args)
+
+    service = ModelService(ServeConfig(bundle=str(default_bundle)), runtime=shared_runtime)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi \ud800"}]
+    job = Generation(Direct(), messages, [], GenerationConfig(max_new_tokens=2), size=10)
+    service.admit(10)
+    service.live.add(job)
+    service._run(job)
+    kind, error = job.events.get_nowait()
+    assert kind == "error" and error.status == 400 and error.param == "messages.1.content"
+    assert service.counts["invalid"] == 1 and service.in_flight == 0 and service.queued_bytes == 0
 
 
 def test_warming_server_answers_503_then_ready(default_bundle, monkeypatch):

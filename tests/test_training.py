@@ -1,6 +1,7 @@
 """Training: freezing per stage, overfitting, resume, atomic checkpoints, labels, bad records, recipes."""
 
 import json
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -200,3 +201,163 @@ def test_recipes_parse_and_build_the_intended_models(name):
 def test_cli_reports_bad_recipe(capsys, tmp_path):
     assert train_module.main(["--recipe", "no-such-recipe", "--output-dir", str(tmp_path)]) == 2
     assert "unknown recipe 'no-such-recipe'" in capsys.readouterr().err
+
+
+# -- bad records never stop a run (issue 13, item 2) ----------------------------------------------
+def test_records_of_any_shape_are_skipped_with_a_reason(tiny_components, tmp_path):
+    """Each of these raised (TypeError, or a tokenizer error on a lone surrogate) before."""
+    model = FtZForCausalLM.from_config(make_config(tiny_components))
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "ok.png")
+    good = [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "good", "image": "ok.png", "conversations": good},
+        {"id": "number", "image": 7, "conversations": good},
+        {"id": "list", "image": ["ok.png"], "conversations": good},
+        {"id": "dict", "image": {"path": "ok.png"}, "conversations": good},
+        {"id": "empty-name", "image": "", "conversations": good},
+        {"id": "surrogate-text", "image": "ok.png", "conversations": [good[0], {"from": "gpt", "value": "red \ud800"}]},
+        {"id": "surrogate-name", "image": "ok\udc80.png", "conversations": good},
+        {"id": "speaker-list", "conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "turn-not-object", "conversations": ["Hi", {"from": "gpt", "value": "Hello"}]},
+        {"id": {"not": "a string"}, "conversations": "Hi"},
+        "just a string",
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    data = LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200)
+    assert [item["id"] for item in data.items] == ["good"]
+    assert dict(data.report.skipped) == {"image must be a file name": 4, "text is not valid UTF-8": 1,
+                                         "image name is not valid UTF-8": 1, "turn speaker must be one of ['gpt', 'human', 'system']": 2,
+                                         "no conversations": 1, "not a JSON object": 1}
+    assert data.report.examples[0] == "number: image must be a file name (a non-empty string), got int 7 [data.json record #1]"
+    data.report.summary().encode("utf-8")  # printable: no lone surrogate reaches a log line
+    with pytest.raises(DataError, match=r"\[#1\]: record number: image must be a file name"):
+        LlavaDataset(tmp_path / "data.json", tmp_path, model, max_length=200, strict=True)
+
+
+@pytest.fixture(scope="module")
+def truncated_dir(dataset_dir, tmp_path_factory):
+    """dataset_dir's records plus a JPEG cut in half at record #3: its header passes the data
+    check, it fails only when decoded, inside the data loader."""
+    import io
+    import shutil
+
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("truncated")
+    shutil.copytree(dataset_dir / "images", folder / "images")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (folder / "images" / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    records = json.loads((dataset_dir / "train.json").read_text())
+    records.insert(3, {"id": "cut", "image": "images/cut.jpg", "conversations": records[0]["conversations"]})
+    (folder / "train.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_an_image_that_fails_when_loaded_is_skipped_counted_and_named(tiny_components, truncated_dir, tmp_path, caplog):
+    # Two worker processes: the skip must travel from them to the training loop with the batch.
+    cfg = stage_config(truncated_dir, tmp_path, "pretrain", max_steps=4, num_workers=2)
+    with caplog.at_level("WARNING", logger="ftz_edge.training"):
+        final = train(cfg, make_config(tiny_components), progress=False)
+    assert (final / "ftz_weights.safetensors").is_file()
+    report = json.loads((tmp_path / "pretrain" / "data_report.json").read_text())
+    assert (report["total"], report["kept"]) == (9, 9)  # the header was fine when the data set was opened
+    (record, reason), = report["skipped_when_loaded"].items()  # counted once, though seen in two epochs
+    assert record == "train.json record #3 (id cut)"
+    assert reason.startswith("image unreadable when loaded (cannot read image") and "cut.jpg" in reason and "truncated" in reason
+    assert "skipped train.json record #3 (id cut): image unreadable when loaded" in caplog.text
+    metrics = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_when_loaded"] == 1
+    assert all(m["samples_per_s"] > 0 for m in metrics)
+
+
+def test_strict_stops_at_an_image_that_fails_when_loaded_with_one_line(tiny_components, truncated_dir, tmp_path, capsys):
+    import yaml
+
+    recipe = {"model": make_config(tiny_components).to_dict(), "stages": {"pretrain": {
+        "data_path": str(truncated_dir / "train.json"), "global_batch_size": 4, "per_device_batch_size": 2,
+        "max_steps": 4, "num_workers": 0, "gradient_checkpointing": False, "max_length": 256}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code = train_module.main(["--recipe", str(tmp_path / "recipe.yaml"), "--stage", "pretrain", "--output-dir",
+                              str(tmp_path / "run"), "--strict", "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ftz-train:")]
+    assert code == 2 and lines == [line for line in err.splitlines() if "error" in line.lower()], err
+    assert len(lines) == 1 and "train.json record #3 (id cut): image unreadable when loaded" in lines[0]
+    assert "cut.jpg" in lines[0] and "Traceback" not in err
+
+
+# -- resume passes over a damaged checkpoint; pickles load as data (items 5 and 8) ----------------
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_components, dataset_dir, tmp_path_factory):
+    cfg = stage_config(dataset_dir, tmp_path_factory.mktemp("full"), "finetune", max_steps=6, save_every=2)
+    return train(cfg, make_config(tiny_components, fusion_init="default"), progress=False)
+
+
+@pytest.mark.parametrize("damaged", ["state/model.safetensors", "state/optimizer.bin", "trainer_state.json"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tiny_components, dataset_dir, tmp_path, uninterrupted, damaged,
+                                                     caplog, monkeypatch):
+    config = make_config(tiny_components, fusion_init="default")
+    cfg = stage_config(dataset_dir, tmp_path, "finetune", max_steps=6, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, config, progress=False, interrupt_after=4)
+    out = tmp_path / "finetune"
+    assert [p.name for p in train_module.checkpoints(out)] == ["checkpoint-0000002", "checkpoint-0000004"]
+    # The pickles of a training checkpoint are exactly accelerate's three; the weights are safetensors.
+    state_files = sorted(p.name for p in (out / "checkpoint-0000002" / "state").iterdir())
+    assert state_files == ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"]
+    target = out / "checkpoint-0000004" / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])  # a write cut short
+
+    loads = []
+    real_load = torch.load
+
+    def spy(f, *args, **kwargs):
+        result = real_load(f, *args, **kwargs)  # raises for the damaged file: not recorded
+        loads.append((Path(f).name, kwargs.get("weights_only")))
+        return result
+
+    monkeypatch.setattr(torch, "load", spy)
+    with caplog.at_level("WARNING", logger="ftz_edge.training"):
+        resumed = train(cfg, config, resume=True, progress=False)
+    monkeypatch.undo()
+    assert "checkpoint-0000004 cannot be loaded" in caplog.text and "falling back to the previous one" in caplog.text
+    assert "resumed from checkpoint-0000002" in caplog.text
+    # Loaded as data only (weights_only), and the RNG states did load (accelerate would swallow a failure).
+    assert {name for name, _ in loads} >= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+    assert all(weights_only is True for _, weights_only in loads), loads
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-4:] == [3, 4, 5, 6]  # from step 2 on
+    # Nothing of the damaged newer state leaked into the run: it ends where an uninterrupted one does.
+    a, b = weights(uninterrupted), weights(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_clear_error(tiny_components, dataset_dir, tmp_path):
+    cfg = stage_config(dataset_dir, tmp_path, "pretrain", max_steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, make_config(tiny_components), progress=False, interrupt_after=2)
+    (tmp_path / "pretrain" / "checkpoint-0000002" / "state" / "model.safetensors").write_bytes(b"garbage")
+    from ftz_edge.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be loaded: checkpoint-0000002 \(SafetensorError"):
+        train(cfg, make_config(tiny_components), resume=True, progress=False)
+
+
+def test_a_checkpoint_save_sweeps_killed_runs_leftovers(tiny_components, dataset_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from ftz_edge import atomic
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    out = tmp_path / "pretrain"
+    stale = out / f".checkpoint-0000500.tmp-{atomic.host_tag()}-{process.pid}"
+    (stale / "state").mkdir(parents=True)
+    (stale / "state" / "optimizer.bin").write_bytes(b"x" * 1000)
+    train(stage_config(dataset_dir, tmp_path, "pretrain", max_steps=2, save_every=2), make_config(tiny_components),
+          progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

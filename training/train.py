@@ -6,13 +6,20 @@ and DeepSpeed do the distribution.
 
 Output folder::
 
-    metrics.jsonl                one line per logged step (loss, lr, grad norm, throughput)
+    metrics.jsonl                one line per logged step (loss, lr, grad norm, throughput, skipped records)
+    data_report.json             records kept / skipped (by reason, named), also those skipped when loaded
     checkpoint-0000500/          resumable: accelerate state (model, optimizer, scheduler, RNG),
         state/  model/  trainer_state.json   the FtZ checkpoint, and the data position
     final/                       the FtZ checkpoint of the finished stage (+ train_config.json)
 
-Checkpoints are written to a temporary folder and renamed, and only the last ``keep_last`` are
-kept, so an interrupted write never replaces a good checkpoint with a broken one.
+Checkpoints are written to a temporary folder (``.checkpoint-N.tmp-HOST-PID``) and renamed, and
+only the last ``keep_last`` are kept, so an interrupted write never replaces a good checkpoint
+with a broken one; the next save removes the temporary folders of killed runs. ``--resume``
+takes the newest checkpoint that loads, and says so when it had to pass over a broken one.
+
+Pickles: accelerate writes ``state/optimizer.bin``, ``state/scheduler.bin`` and
+``state/random_states_0.pkl`` with ``torch.save``; they are loaded with ``weights_only=True``
+(tensors, numbers and numpy arrays only: no code runs). Model weights are safetensors.
 """
 
 from __future__ import annotations
@@ -21,21 +28,23 @@ import argparse
 import json
 import logging
 import math
+import pickle
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ftz_edge.atomic import replace_folder
-from ftz_edge.checkpoint import load_checkpoint, save_checkpoint
+from ftz_edge.atomic import atomic_write_bytes, owner_tag, replace_folder, sweep_stale
+from ftz_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ftz_edge.config import FtZConfig
+from ftz_edge.encoders import ComponentLoadError
 from ftz_edge.mllm import FtZForCausalLM
-from ftz_edge.training.data import Collator, DataError, LlavaDataset
+from ftz_edge.training.data import DataError, DataReport, LlavaDataset, collate
 from ftz_edge.training.recipe import (
     STAGES,
     TrainConfig,
@@ -54,6 +63,7 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # per-process batches of this epoch already consumed
+    skipped_at_load: dict = field(default_factory=dict)  # DataReport.load_skipped, kept across a resume
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -84,8 +94,49 @@ def _optimizer(model: FtZForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    found = sorted(p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The training checkpoints in ``output_dir``, oldest first."""
+    return sorted(p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+
+
+# What a damaged checkpoint raises while loading: safetensors' SafetensorError (an Exception of
+# its own), torch.load's RuntimeError on a broken zip, pickle's UnpicklingError (also
+# weights_only refusing a global), EOFError, and OSError / JSON / key errors.
+def _damage_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError)
+
+
+def resume_state(accelerator, output_dir: Path) -> tuple[TrainerState, Path]:
+    """Load the newest checkpoint that loads; a damaged newer one is passed over with a warning
+    naming it and the reason. Every load overwrites the whole state (model, optimizer,
+    scheduler, RNG), so a failed attempt leaves nothing behind once an older one succeeds."""
+    found = checkpoints(output_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT_PREFIX}* folder in {output_dir}")
+    problems = []
+    for checkpoint in reversed(found):
+        try:
+            state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+            # Explicit, whatever accelerate's default: optimizer and scheduler pickles load as data only.
+            accelerator.load_state(str(checkpoint / "state"), load_kwargs={"weights_only": True})
+        except torch.OutOfMemoryError:
+            raise
+        except _damage_errors() as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            problems.append(f"{checkpoint.name} ({reason})")
+            logger.warning("checkpoint %s cannot be loaded (%s); falling back to the previous one", checkpoint, reason)
+            continue
+        if problems and accelerator.is_main_process:
+            logger.warning("resumed from %s, the newest checkpoint that loads; passed over: %s",
+                           checkpoint.name, "; ".join(problems))
+        return state, checkpoint
+    raise CheckpointError(f"--resume: no checkpoint in {output_dir} can be loaded: {'; '.join(problems)}")
 
 
 def build_model(cfg: TrainConfig, model_config: Optional[FtZConfig]) -> FtZForCausalLM:
@@ -130,8 +181,7 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
         logger.info("%s", dataset.report.summary())
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.per_device_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=Collator(model.anchor_spec, model.augmenter_spec),
+        dataset, batch_size=cfg.per_device_batch_size, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
     )
     batches_per_epoch = math.ceil(len(dataset) / (cfg.per_device_batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
@@ -145,11 +195,8 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
 
     state = TrainerState()
     if resume:
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT_PREFIX}* folder in {output_dir}")
-        accelerator.load_state(str(checkpoint / "state"))
-        state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+        state, checkpoint = resume_state(accelerator, output_dir)
+        dataset.report.load_skipped.update(state.skipped_at_load)
         if accelerator.is_main_process:
             logger.info("resumed from %s at step %d", checkpoint, state.step)
 
@@ -167,6 +214,9 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
         # down to the sampler at every pass, so it must hold the epoch we resume in.
         epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
+            note_skipped(batch.pop("skipped"), dataset.report, cfg.strict, accelerator)
+            if not batch["input_ids"]:
+                raise DataError(f"{dataset.data_path}: {MAX_REPLACEMENTS_HINT}; {dataset.report.summary()}")
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -186,19 +236,49 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                _log(accelerator, metrics_path, bar, state, window, scheduler, grad_norm)
+                _log(accelerator, metrics_path, bar, state, window, scheduler, grad_norm, dataset.report)
             if state.step % cfg.save_every == 0 or state.step == total_steps:
+                state.skipped_at_load = dict(dataset.report.load_skipped)
                 save_training_checkpoint(accelerator, model, cfg, state)
+                write_data_report(accelerator, output_dir, dataset.report)
             if interrupt_after is not None and state.step >= interrupt_after:
                 bar.close()
                 raise KeyboardInterrupt(f"interrupted after step {state.step} (test hook)")
             if state.step >= total_steps:
                 break
     bar.close()
+    write_data_report(accelerator, output_dir, dataset.report)
     return save_final(accelerator, model, cfg)
 
 
-def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, scheduler, grad_norm) -> None:
+MAX_REPLACEMENTS_HINT = ("every sample of a batch was unusable (its image and the next records' images failed to "
+                         "decode): check the image folder")
+
+
+def note_skipped(skipped: list, report: DataReport, strict: bool, accelerator) -> None:
+    """Records the data loader found bad (``batch["skipped"]``): counted once per record in
+    ``report``, each new one logged with its file, index, id and reason; with ``strict`` the
+    first one stops training with one line. Several processes: each one's skips are gathered to
+    all (one small collective per batch), so every process keeps the same report and a strict run
+    stops on all of them together."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        skipped = gather_object(list(skipped))
+    for record, reason in skipped:
+        if strict:
+            raise DataError(f"{record}: {reason} (--strict)")
+        if report.skip_at_load(record, reason) and accelerator.is_main_process:
+            logger.warning("skipped %s: %s", record, reason)
+
+
+def write_data_report(accelerator, output_dir: Path, report: DataReport) -> None:
+    if accelerator.is_main_process:
+        atomic_write_bytes(output_dir / "data_report.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+
+
+def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, scheduler, grad_norm,
+         report: DataReport) -> None:
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
     record = {
         "step": state.step,
@@ -208,6 +288,7 @@ def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, schedu
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "samples_per_s": window["samples"] * accelerator.num_processes / elapsed,
         "text_tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+        "skipped_when_loaded": len(report.load_skipped),
     }
     window.update(loss=0.0, batches=0, samples=0, tokens=0, start=time.perf_counter())
     if accelerator.is_main_process:
@@ -225,10 +306,16 @@ def _save_model(accelerator, model, folder: Path, include_encoders: bool = False
 
 
 def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: TrainerState) -> Path:
+    from accelerate.utils import broadcast_object_list
+
     output_dir = Path(cfg.output_dir)
     name = f"{CHECKPOINT_PREFIX}{state.step:07d}"
-    tmp, final = output_dir / f".{name}.tmp", output_dir / name
+    # Every process writes into the main process's folder (RNG states are per process), so its
+    # owner tag is shared; killed runs' folders are swept by the main process.
+    tag = broadcast_object_list([owner_tag()])[0]
+    tmp, final = output_dir / f".{name}.tmp-{tag}", output_dir / name
     if accelerator.is_main_process:
+        sweep_stale(output_dir, f"{CHECKPOINT_PREFIX}*")
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
@@ -285,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 final = train(cfg, model_config, resume=resume, progress=not args.no_progress)
             print(f"{stage}: wrote {final}")
             init_from = str(final)  # finetune starts from the pretrain result
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, ComponentLoadError) as err:
         print(f"ftz-train: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,65 @@
+"""The paper's size through the real edge path, on every CI run (slow: ~10 min, ~12 GB peak).
+
+Tiny models prove logic, not scale: the paper-size tower (CLIP ViT-L/14-336 + DINOv2-L) is a
+2.4 GB fp32 graph, over protobuf's 2 GB, and that broke ``ftz-export`` where no tiny test could
+see it. This builds a real-format FtZ checkpoint with random weights (every component written by
+``save_pretrained`` from the real configs, ftz_edge.sizes), runs ``ftz-export`` as a user does
+(FP16 tower + INT4 Qwen2.5-0.5B), and answers one question through the torch-free runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).parents[1] / "ftz_edge" / "default_model" / "examples" / "008000.png"
+
+
+@pytest.fixture(scope="module")
+def paper_checkpoint(tmp_path_factory):
+    from ftz_edge.sizes import save_reference_checkpoint
+
+    return save_reference_checkpoint(tmp_path_factory.mktemp("paper") / "checkpoint")
+
+
+def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, tmp_path):
+    from ftz_edge.manifest import read_manifest
+    from ftz_edge.runtime.engine import FtZRuntime
+    from ftz_edge.runtime.generation import GenerationConfig
+
+    out = tmp_path / "bundle"
+    started = time.perf_counter()
+    # As a user runs it: the console script, its one-line errors, its own process (peak RSS).
+    run = subprocess.run([sys.executable, "-m", "ftz_edge.export.bundle", "--checkpoint", str(paper_checkpoint),
+                          "--out", str(out), "--precision", "fp16", "--llm-precision", "int4",
+                          "--validation-images", "2"],
+                         capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    export_seconds = time.perf_counter() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+    manifest = read_manifest(out)  # every file's sha256 checked
+    assert manifest["vision"]["precision"] == "fp16" and manifest["llm"]["precision"] == "int4"
+    assert manifest["vision"]["num_image_tokens"] == 576  # CLIP-L/14 at 336: 24 x 24 patches
+    validation = json.loads((out / "reports" / "validation.json").read_text())
+    assert all(row["ok"] for row in validation["vision"] if row["ok"] is not None)
+    # The fp16 tower is ~1.2 GB: one file under protobuf's limit. The fp32 weights never reach it.
+    assert (out / "vision" / "vision.onnx").stat().st_size > 1e9
+
+    runtime = FtZRuntime(out)
+    pieces = list(runtime.stream([{"role": "user", "content": "<image>\nWhat is in the image?"}], [str(EXAMPLE)],
+                                 GenerationConfig(max_new_tokens=4)))
+    timings = runtime.last_timings
+    assert timings.prompt_tokens > 576 and timings.images == 1
+    assert timings.new_tokens >= 1 or runtime.last_finish_reason == "stop"
+    assert isinstance("".join(pieces), str)
+    print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest['provenance'].get('peak_rss_gb')} GB, "
+          f"bundle {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB; {timings.summary()}")
