@@ -7,6 +7,13 @@ with ``save_pretrained``, ONNX exports, ORT GenAI decoders, GGUFs) live under
 ``$FTZ_EDGE_CACHE/bench`` (default ``~/.cache/ftz-edge/bench``) in folders keyed by everything
 that shapes them, so a second run reuses them; every folder is written atomically
 (ftz_edge.atomic), so an interrupted build leaves nothing that looks finished.
+
+The end-to-end suite's real-size row runs a *paper-size bundle*: a real-format FtZ checkpoint
+with random weights (CLIP ViT-L/14-336 + DINOv2-L/14 + Qwen2.5-0.5B,
+ftz_edge.sizes.save_reference_checkpoint; ~4.2 GB, ~1 min, ~6 GB RSS) turned into a bundle by
+``ftz-export``'s own ``export_bundle`` (fp16 tower + int4 LLM; ~10 min of CPU, ~11.5 GB peak
+RSS): one builder for users and the bench. ``ftz-bench --e2e-bundle PATH`` measures a bundle
+already exported instead, as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +41,14 @@ VISION_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 LLM_PRECISIONS = ("fp32", "int8", "int4")  # what ORT GenAI's builder makes for the CPU
 CALIBRATION_IMAGES = 4
 TEXT_TOKENS = 32
+# The paper's model (section 4): CLIP ViT-L/14-336 anchor, DINOv2-L/14 augmenter, Qwen2.5-0.5B.
+PAPER_AUGMENTER, PAPER_LLM = "dinov2-large", "qwen2.5-0.5b"
+# The bundle a user gets from ``ftz-export`` by default (FP16 tower, INT4 LLM), validated on 2
+# images: the validation's PyTorch fp32 runs cost seconds per image at this size.
+PAPER_BUNDLE_OPTIONS = {"precision": "fp16", "llm_precision": "int4", "validation_images": 2}
+# The end-to-end question of the real-size row: 31 tokens in the shipped tokenizer (the paper-size
+# checkpoint carries it), so the prompt is 576 image tokens + the chat template + ~32 question tokens.
+E2E_QUESTION = "What shapes are in this image, and what color is each of them?"
 
 
 def cache_root() -> Path:
@@ -268,6 +283,131 @@ def build_llm_ort(size: str, llm: Optional[str], precision: str) -> list[dict]:
         note = "built"
     return [make_row("build", size, llm_label(size, llm), "ORT GenAI decoder", "onnxruntime", precision, note=note,
                      info={"seconds": round(time.perf_counter() - start, 1), "folder": str(out)})]
+
+
+# -- the paper-size bundle (end to end) ----------------------------------------------------------
+
+
+def paper_label(augmenter: str = PAPER_AUGMENTER, llm: str = PAPER_LLM) -> str:
+    return f"FtZ CLIP-L/14-336 + {AUGMENTERS[augmenter]} + {LLMS[llm]}"
+
+
+def paper_checkpoint() -> Path:
+    key = _digest(ARTIFACT_VERSION, SEED, _config_text(ANCHOR), _config_text(PAPER_AUGMENTER),
+                  _config_text(PAPER_LLM), default_model_digest())  # the checkpoint carries the default tokenizer
+    return cache_root() / f"ckpt-paper-{key}"
+
+
+def paper_bundle() -> Path:
+    """Keyed by the checkpoint it comes from, the export options and the engine the export would
+    pick here (TensorRT where it is importable, else ONNX)."""
+    from ftz_edge.export.tensorrt import tensorrt_available
+
+    options = dict(PAPER_BUNDLE_OPTIONS)
+    key = _digest(ARTIFACT_VERSION, paper_checkpoint().name, options, tensorrt_available())
+    return cache_root() / f"bundle-paper-{options['precision']}-{options['llm_precision']}-{key}"
+
+
+def is_bundle(path: Path) -> bool:
+    """A finished bundle whose manifest this ftz-edge reads (a stale one is rebuilt)."""
+    from ftz_edge.manifest import BundleError, read_manifest
+
+    if not (Path(path) / "manifest.json").is_file():
+        return False
+    try:
+        read_manifest(Path(path), verify=False)
+    except (BundleError, ValueError, OSError):
+        return False
+    return True
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """An FtZ checkpoint's two files are there (checked without importing torch)."""
+    return (Path(path) / "ftz_config.json").is_file() and (Path(path) / "ftz_weights.safetensors").is_file()
+
+
+def build_paper_checkpoint() -> list[dict]:
+    """The paper-size FtZ checkpoint with random weights (save_checkpoint writes it atomically)."""
+    from ftz_edge.bench.results import make_row
+    from ftz_edge.sizes import save_reference_checkpoint
+
+    start = time.perf_counter()
+    folder = paper_checkpoint()
+    note = "reused"
+    if not is_checkpoint_folder(folder):
+        save_reference_checkpoint(folder, augmenter=PAPER_AUGMENTER, llm=PAPER_LLM, seed=SEED)
+        note = "built"
+    return [make_row("build", "real", paper_label(), "FtZ checkpoint (random weights)", "PyTorch", "fp32", note=note,
+                     info={"seconds": round(time.perf_counter() - start, 1), "folder": str(folder)})]
+
+
+def build_paper_bundle() -> list[dict]:
+    """``ftz-export``'s export_bundle on the paper-size checkpoint (it writes the bundle atomically)."""
+    from ftz_edge.bench.results import make_row
+    from ftz_edge.export.bundle import ExportOptions, export_bundle
+
+    start = time.perf_counter()
+    out = paper_bundle()
+    options = PAPER_BUNDLE_OPTIONS
+    note = "reused"
+    if not is_bundle(out):
+        export_bundle(ExportOptions(checkpoint=str(paper_checkpoint()), out=str(out), **options))
+        note = "built"
+    return [make_row("build", "real", paper_label(), "bundle (ftz-export)", "ftz-export",
+                     f"{options['precision']}/{options['llm_precision']}", note=note,
+                     info={"seconds": round(time.perf_counter() - start, 1), "folder": str(out)})]
+
+
+def bundle_checkpoint(bundle: Path) -> Optional[Path]:
+    """The checkpoint a bundle was exported from (its manifest's provenance), when it is here."""
+    try:
+        source = json.loads((Path(bundle) / "manifest.json").read_text()).get("provenance", {}).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(source) if source and is_checkpoint_folder(Path(source)) else None
+
+
+def bundle_precision(bundle: Path) -> str:
+    """``vision/llm`` precisions from a bundle's manifest ("bundle" when it cannot be read)."""
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        return f"{manifest['vision']['precision']}/{manifest['llm']['precision']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "bundle"
+
+
+def _component_config(checkpoint: Path, name: Optional[str]) -> Optional[dict]:
+    if not name:
+        return None
+    path = Path(name) if Path(name).is_absolute() else checkpoint / name
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("vision_config", config)  # a full CLIPModel config holds the vision one
+
+
+def _same(config: Optional[dict], reference: str, keys=("hidden_size", "num_hidden_layers", "intermediate_size")) -> bool:
+    ref = json.loads(_config_text(reference))
+    return config is not None and all(config.get(k) == ref.get(k) for k in keys)
+
+
+def e2e_label(bundle: Path, checkpoint: Optional[Path]) -> str:
+    """The real-size e2e row's model: the reference architectures its checkpoint's configs match
+    (read as JSON, no torch), else the bundle's folder name."""
+    if checkpoint is not None:
+        try:
+            ftz = json.loads((Path(checkpoint) / "ftz_config.json").read_text())
+            anchor = _component_config(Path(checkpoint), ftz["tower"]["anchor"])
+            augmenter = _component_config(Path(checkpoint), ftz["tower"].get("augmenter"))
+            llm = _component_config(Path(checkpoint), ftz["llm"])
+        except (OSError, ValueError, KeyError, TypeError):
+            anchor = augmenter = llm = None
+        aug = next((a for a in AUGMENTERS if _same(augmenter, a)), None)
+        lm = next((m for m in LLMS if _same(llm, m)), None)
+        if _same(anchor, ANCHOR, ("hidden_size", "num_hidden_layers", "image_size", "patch_size")) and aug and lm:
+            return paper_label(aug, lm)
+    return f"FtZ bundle {Path(bundle).name}"
 
 
 def default_bundle(path: Optional[str] = None) -> Path:

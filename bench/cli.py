@@ -4,6 +4,8 @@
     ftz-bench --suite vision --size real --augmenter dinov2-base --batch 1
     ftz-bench --suite llm --llm qwen2.5-0.5b --backends onnxruntime,transformers --precisions fp32,int4
     ftz-bench --update-readme README.md --from results/<device>
+    ftz-bench --suite e2e --size real --e2e-bundle B --out /tmp/run   # a paper-size bundle as it is
+    ftz-bench --merge-into results/<device> --from /tmp/run          # its rows into a committed run
 
 Every case (one model in one framework and precision) runs in its own process (peak memory per
 path; a crash is a failed row); figures are medians of ``--repeats`` runs after ``--warmup``
@@ -18,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from ftz_edge.bench import artifacts
 from ftz_edge.bench.results import Case, make_row, merge_samples
@@ -64,8 +66,9 @@ class Plan:
     def add(self, case: Case) -> None:
         self.cases.append(case)
 
-    def build(self, label: str, target: str, kwargs: dict, done: bool, row: dict) -> str:
-        """Plan building an artifact unless it is cached; returns its key for ``Case.needs``."""
+    def build(self, label: str, target: str, kwargs: dict, done: bool, row: dict, needs: Sequence[str] = ()) -> str:
+        """Plan building an artifact unless it is cached; returns its key for ``Case.needs``.
+        ``needs``: keys of the builds this one reads (it is not tried when one of them failed)."""
         key = f"{target}{sorted(kwargs.items())}"
         if key in self._building:
             return key
@@ -74,7 +77,7 @@ class Plan:
             self.rows.append({**row, "note": "reused"})
         else:
             build = Case("build", f"build {label}", target, kwargs, row, timeout=self.args.timeout * 3)
-            build.needs = [key]  # a build "needs" itself: its failure is recorded under its key
+            build.needs = [key, *needs]  # a build "needs" itself: its failure is recorded under its key
             self.add(build)
         return key
 
@@ -192,15 +195,72 @@ class Plan:
 
     def e2e(self) -> None:
         a = self.args
-        row = make_row("e2e", "default", "default bundle", "image + question -> answer", "ftz_edge runtime", "bundle", 1)
-        self.add(Case("e2e", "e2e default bundle", "ftz_edge.bench.e2e_bench:e2e_case",
-                      dict(bundle=a.bundle, new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup), row,
-                      expected_ticks=a.warmup + a.repeats, timeout=a.timeout))
+        if "default" in a.sizes:
+            row = make_row("e2e", "default", "default bundle", "image + question -> answer", "ftz_edge runtime", "bundle", 1)
+            self.add(Case("e2e", "e2e default bundle", "ftz_edge.bench.e2e_bench:e2e_case",
+                          dict(bundle=a.bundle, new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup), row,
+                          expected_ticks=a.warmup + a.repeats, timeout=a.timeout))
         if "real" in a.sizes:
-            self.unavailable(make_row("e2e", "real", "real-size FtZ", "image + question -> answer", "ftz_edge runtime",
-                                      "bundle", 1),
-                             "the runtime runs bundles, and a real-size bundle needs an exported real-size FtZ "
-                             "checkpoint (--bundle PATH runs one); the real-size vision and LLM rows are its parts")
+            self.e2e_real()
+
+    def e2e_real(self) -> None:
+        """The paper-size rows: each bundle ``ftz-export`` wrote (``--e2e-bundle``, repeatable; else
+        the cached paper-size artifact, built once) through the runtime, beside PyTorch eager fp32
+        (and bf16 where the CPU has it natively) once per checkpoint those bundles came from."""
+        a = self.args
+        path = "image + question -> answer"
+        bundles = []  # (bundle, checkpoint, label, precision, build keys the runtime case reads)
+        torch_needs: list = []  # build keys the PyTorch cases read (the checkpoint's)
+        if a.e2e_bundle:
+            for given in a.e2e_bundle:
+                bundle = Path(given)
+                checkpoint = Path(a.e2e_checkpoint) if a.e2e_checkpoint else artifacts.bundle_checkpoint(bundle)
+                bundles.append((bundle, checkpoint, artifacts.e2e_label(bundle, checkpoint),
+                                artifacts.bundle_precision(bundle), []))
+        else:
+            bundle, label = artifacts.paper_bundle(), artifacts.paper_label()
+            options = artifacts.PAPER_BUNDLE_OPTIONS
+            precision = f"{options['precision']}/{options['llm_precision']}"
+            checkpoint = artifacts.paper_checkpoint()
+            made = self.build("paper-size FtZ checkpoint", "ftz_edge.bench.artifacts:build_paper_checkpoint", {},
+                              artifacts.is_checkpoint_folder(checkpoint),
+                              make_row("build", "real", label, "FtZ checkpoint (random weights)", "PyTorch", "fp32"))
+            needs = [self.build(f"paper-size bundle {precision}", "ftz_edge.bench.artifacts:build_paper_bundle", {},
+                                artifacts.is_bundle(bundle),
+                                make_row("build", "real", label, "bundle (ftz-export)", "ftz-export", precision),
+                                needs=[made])]
+            if a.e2e_checkpoint:
+                checkpoint = Path(a.e2e_checkpoint)
+            else:
+                torch_needs = [made]
+            bundles.append((bundle, checkpoint, label, precision, needs))
+        kw = dict(new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, question=artifacts.E2E_QUESTION,
+                  size="real")
+        for bundle, checkpoint, label, precision, needs in bundles:
+            self.add(Case("e2e", f"e2e {label} runtime {precision}", "ftz_edge.bench.e2e_bench:e2e_case",
+                          dict(kw, bundle=str(bundle), model=label, checkpoint=str(checkpoint) if checkpoint else None,
+                               ignore_eos=True),
+                          make_row("e2e", "real", label, path, "ftz_edge runtime", precision, 1),
+                          expected_ticks=a.warmup + a.repeats, timeout=a.timeout, needs=needs))
+        for label, (bundle, checkpoint) in {label: (b, c) for b, c, label, _, _ in bundles}.items():
+            for torch_precision in ("fp32", "bf16"):
+                if not self.want("pytorch", torch_precision):
+                    continue
+                row = make_row("e2e", "real", label, path, "PyTorch eager", torch_precision, 1)
+                if torch_precision == "bf16" and not self.native_bf16:
+                    self.unavailable(row, "this CPU has no native bf16 (AVX512-BF16 or AMX); PyTorch would emulate it")
+                    continue
+                if checkpoint is None:
+                    self.unavailable(row, f"the checkpoint {bundle} was exported from is not here (its manifest's "
+                                          "provenance.checkpoint); --e2e-checkpoint PATH gives it")
+                    continue
+                self.add(Case("e2e", f"e2e {label} PyTorch {torch_precision}", "ftz_edge.bench.e2e_bench:torch_case",
+                              dict(kw, checkpoint=str(checkpoint), precision=torch_precision, model=label), row,
+                              expected_ticks=a.warmup + a.repeats, timeout=a.timeout, needs=torch_needs))
+
+    @property
+    def real_e2e(self) -> bool:
+        return any(c.suite == "e2e" and c.placeholder["size"] == "real" for c in self.cases)
 
     def startup(self) -> None:
         a = self.args
@@ -214,7 +274,7 @@ class Plan:
 
 def make_plan(args, gpu: bool, cpu_flags: list[str]) -> Plan:
     plan = Plan(args, gpu, cpu_flags)
-    if ("e2e" in args.suites or "startup" in args.suites) and not args.list:
+    if (("e2e" in args.suites and "default" in args.sizes) or "startup" in args.suites) and not args.list:
         # Built here, once, before any timing (ftz-export in a subprocess, as ftz-chat does).
         args.bundle = str(artifacts.default_bundle(args.bundle))
     if "vision" in args.suites:
@@ -252,6 +312,8 @@ def run_plan(plan: Plan, log: Path, show_progress: bool = True) -> list[dict]:
         broken = [failed_builds[k] for k in case.needs if k in failed_builds]
         if broken:  # what it would read was not built: say why, do not try
             rows.append({**case.placeholder, "status": "failed", "note": f"not built: {broken[0]}"})
+            if case.suite == "build":  # nor what would read this build
+                failed_builds.setdefault(case.needs[0], f"not built: {broken[0]}")
             if bar:
                 bar.update(case.expected_ticks)
             continue
@@ -279,8 +341,8 @@ def run_plan(plan: Plan, log: Path, show_progress: bool = True) -> list[dict]:
             runs.append(result["rows"])
         if error is not None:
             rows.append({**case.placeholder, "status": "failed", "note": error})
-            if case.suite == "build":
-                failed_builds.update({key: error for key in case.needs})
+            if case.suite == "build":  # its own key (the first of its needs); the others are what it read
+                failed_builds[case.needs[0]] = error
         else:
             rows += merge_samples(runs) if case.fresh_processes > 1 else runs[0]
         if bar and counted[0] < case.expected_ticks:
@@ -309,12 +371,19 @@ def parse_args(argv=None):
                    help="the CPU reference preset: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
                    + " (explicit options still win)")
     p.add_argument("--bundle", help="bundle for the e2e and startup suites (default: the shipped model's, built once)")
+    p.add_argument("--e2e-bundle", metavar="PATH", action="append", help="the e2e suite's real-size rows run this "
+                   "exported bundle as it is (repeat the option for several; default: a paper-size fp16/int4 bundle "
+                   "that ftz-export builds once from a random-weight paper-size checkpoint: ~10-20 min, ~12 GB peak RSS)")
+    p.add_argument("--e2e-checkpoint", metavar="PATH", help="checkpoint for that row's PyTorch baselines and FLOP "
+                   "counts (default: the one the bundle's manifest names, when it is here)")
     p.add_argument("--out", help="results folder (default results/<device>)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is stopped (default 1800)")
     p.add_argument("--list", action="store_true", help="print the planned cases and exit")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", metavar="README", help="replace README's ftz-bench section from --from DIR")
-    p.add_argument("--from", dest="from_dir", metavar="DIR", help="results folder for --update-readme")
+    p.add_argument("--merge-into", metavar="DIR", help="merge the rows of the run in --from DIR into the results "
+                   "folder DIR (rows of the same case replaced, what it measured no longer 'not available'; the rest kept)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="results folder for --update-readme / --merge-into")
     args = p.parse_args(argv)
     explicit = {a.dest for a in p._actions if a.option_strings and any(o in (argv if argv is not None else sys.argv[1:])
                                                                       for o in a.option_strings)}
@@ -330,6 +399,12 @@ def parse_args(argv=None):
     args.precisions = _csv(args.precisions, PRECISIONS, "precision")
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 2:
         p.error("--repeats must be ≥ 1, --warmup ≥ 0, --new-tokens ≥ 2")
+    for bundle in args.e2e_bundle or []:
+        if not (Path(bundle) / "manifest.json").is_file():
+            p.error(f"--e2e-bundle {bundle} is not a bundle (no manifest.json)")
+    if args.e2e_checkpoint and not artifacts.is_checkpoint_folder(Path(args.e2e_checkpoint)):
+        p.error(f"--e2e-checkpoint {args.e2e_checkpoint} is not an FtZ checkpoint (ftz_config.json and "
+                "ftz_weights.safetensors)")
     return p, args
 
 
@@ -337,12 +412,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ftz_edge.bench import report
 
     parser, args = parse_args(argv)
+    if args.merge_into:
+        if not args.from_dir:
+            parser.error("--merge-into needs --from DIR (the results folder of the run to merge)")
+        merged = report.merge_into(args.merge_into, args.from_dir)
+        print(f"{args.merge_into}: {merged} row(s) merged from {args.from_dir}")
+        return 0
     if args.update_readme:
         if not args.from_dir:
             parser.error("--update-readme needs --from DIR (a results folder)")
         changed = report.update_readme(args.update_readme, args.from_dir)
         print(f"{args.update_readme}: {'updated' if changed else 'already up to date'} from {args.from_dir}")
         return 0
+    from ftz_edge.bench import bounds
     from ftz_edge.bench.machine import describe_machine, device_slug
     from ftz_edge.bench.memory import measure_bandwidth
 
@@ -362,17 +444,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{row['suite']:8s} {row['model']} {row['backend']} {row['precision']}: {row['status']} {row['note']}")
         return 0
     print(f"ftz-bench: {len(plan.cases)} cases on {device_slug(machine)}; results in {out}", file=sys.stderr)
-    bandwidth = measure_bandwidth(256 if args.quick else 512) if "llm" in args.suites else None
+    # The machine's rates, before any case runs: bandwidth for decode bounds, the fp32 GEMM rate
+    # for the real-size end-to-end row's FLOP bound.
+    bandwidth = measure_bandwidth(256 if args.quick else 512) if "llm" in args.suites or plan.real_e2e else None
+    compute = bounds.measure_matmul_gflops() if plan.real_e2e else None
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench.log"
     log.write_text("")
     rows = run_plan(plan, log, show_progress=not args.no_progress)
-    command = "ftz-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = ("ftz-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    bounds.annotate(rows, machine, bandwidth, compute, {"command": command, "created": created})
     options = {k: v for k, v in vars(args).items() if k in (
         "suites", "sizes", "augmenters", "llms", "backends", "precisions", "batches", "repeats", "warmup",
-        "new_tokens", "quick", "bundle")}
-    results = {"device": device_slug(machine), "machine": machine, "bandwidth": bandwidth, "options": options,
-               "command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "new_tokens", "quick", "bundle", "e2e_bundle", "e2e_checkpoint")}
+    results = {"device": device_slug(machine), "machine": machine, "bandwidth": bandwidth, "compute": compute,
+               "options": options, "command": command, "created": created,
                "seconds": round(time.perf_counter() - started, 1), "rows": rows, "notes": plan.notes}
     report.write_report(results, out)
     failed = [r for r in rows if r["status"] == "failed"]

@@ -90,9 +90,12 @@ def comparisons(results: dict) -> list[dict]:
         out.append(entry)
     for r in _ok(rows, "e2e"):
         answer, parts = metric(r, "answer_ms"), metric(r, "sum_of_parts_ms")
+        if answer is None or parts is None:  # a PyTorch baseline: no parts timed apart
+            continue
         out.append({"kind": "e2e: answer / sum of parts", "model": r["model"], "name": r["path"],
                     "value": ratio(answer, parts), "overhead_ms": metric(r, "overhead_ms").median,
                     "first_token_ratio": ratio(metric(r, "time_to_first_token_ms"), metric(r, "first_token_sum_of_parts_ms"))})
+    out += real_e2e_comparisons(results)
     startup = _ok(rows, "startup")
     cold, warm = _find(startup, path="cold start (warmup=False)"), _find(startup, path="warm start (warmup=True)")
     if cold and warm:
@@ -101,6 +104,36 @@ def comparisons(results: dict) -> list[dict]:
                     "value": ratio(metric(cold, "first_request_ttft_ms"), steady)})
         out.append({"kind": "startup: first-token time / steady", "model": warm["model"], "name": "warm-started",
                     "value": ratio(metric(warm, "first_request_ttft_ms"), metric(warm, "steady_ttft_ms"))})
+    return out
+
+
+def real_e2e_comparisons(results: dict) -> list[dict]:
+    """Per real-size end-to-end row: its first token against PyTorch eager fp32 and bf16 on the
+    same checkpoint (ratios of medians from one run), and its FLOP and bandwidth bounds."""
+    from ftz_edge.bench.bounds import first_token_bound_ms
+
+    real = [r for r in _ok(results["rows"], "e2e") if r["size"] == "real"]
+    out = []
+    for r in real:
+        ttft, decode, info = metric(r, "time_to_first_token_ms"), metric(r, "decode_tokens_per_s"), r["info"]
+        entry = {"kind": "e2e real-size", "model": r["model"], "name": f"{r['backend']} {r['precision']}"}
+        for precision in ("fp32", "bf16"):
+            base = _find(real, model=r["model"], backend="PyTorch eager", precision=precision)
+            if base and base is not r and (base["info"].get("run") or {}).get("command") == (info.get("run") or {}).get("command"):
+                entry[f"ttft_vs_pytorch_{precision}"] = ratio(ttft, metric(base, "time_to_first_token_ms"))
+        gflops = info.get("gflops")
+        bound_ms = first_token_bound_ms(gflops, info.get("matmul_gflops"))
+        if gflops:
+            entry["first_token_gflops"] = gflops["first_token"]
+        if bound_ms:
+            entry["first_token_flop_bound_ms"] = bound_ms
+            entry["first_token_of_flop_bound"] = bound_ms / ttft.median
+        bandwidth = info.get("bandwidth_read_gbs") or bandwidth_gbs(results)
+        weight = info.get("weight_bytes_per_token")
+        if bandwidth and weight and decode is not None:
+            entry["decode_bound_tokens_per_s"] = decode_bound(weight, bandwidth)
+            entry["decode_fraction_of_bound"] = decode.median / entry["decode_bound_tokens_per_s"]
+        out.append(entry)
     return out
 
 
@@ -199,6 +232,8 @@ def llm_table(results: dict, comps: list[dict]) -> str:
 def e2e_table(results: dict) -> str:
     blocks = []
     for r in _ok(results["rows"], "e2e"):
+        if r["size"] == "real":  # real_e2e_table
+            continue
         rows = [["answer (through the runtime)", _m(r, "answer_ms")],
                 ["sum of its parts", _m(r, "sum_of_parts_ms")],
                 ["overhead (answer − parts)", _m(r, "overhead_ms")],
@@ -211,6 +246,89 @@ def e2e_table(results: dict) -> str:
         blocks.append(f"{r['model']}; prompt {info.get('prompt_tokens')} tokens, answer {info.get('new_tokens')} "
                       f"tokens ({info.get('answer', '')!r}):\n\n" + _table(["", "ms, median [min–max]"], rows))
     return "\n\n".join(blocks)
+
+
+def _bytes(value: Optional[float]) -> str:
+    if value is None:
+        return "—"
+    return f"{fmt(value / 1e9)} GB" if value >= 1e9 else f"{fmt(value / 1e6)} MB"
+
+
+def _export_line(info: dict) -> str:
+    """What the bundle's manifest says about the export that wrote it."""
+    parts = [f"bundle {_bytes(info.get('bundle_bytes'))} (the manifest's files)"]
+    if info.get("export_seconds") is not None:
+        parts.append(f"exported by `ftz-export` in {fmt(info['export_seconds'])} s")
+    stages = info.get("export_stage_seconds")
+    if stages:
+        parts.append("stages: " + ", ".join(f"{name} {fmt(seconds)} s" for name, seconds in stages.items()))
+    if info.get("export_peak_rss_gb") is not None:
+        parts.append(f"export peak RSS {fmt(info['export_peak_rss_gb'])} GB")
+    if not stages or info.get("export_peak_rss_gb") is None:
+        parts.append("stage times and peak RSS not in its manifest (exported before ftz-export recorded them)")
+    return "; ".join(parts)
+
+
+def real_e2e_table(results: dict, comps: list[dict]) -> str:
+    """The real-size (paper-size) end-to-end rows: the runtime on an exported bundle beside
+    PyTorch eager on its checkpoint, first-token parts, decode speed, bounds, and the export."""
+    from ftz_edge.bench.machine import machine_line
+
+    real = [r for r in _ok(results["rows"], "e2e") if r["size"] == "real"]
+    blocks = []
+    for model in dict.fromkeys(r["model"] for r in real):
+        rows = [r for r in real if r["model"] == model]
+        runtime = next((r for r in rows if r["backend"] == "ftz_edge runtime"), rows[0])
+        info = runtime["info"]
+        run, machine = info.get("run") or {}, info.get("machine")
+        ttft = metric(runtime, "time_to_first_token_ms")
+        head = (f"{model}, random weights; the example image + a {info.get('question_tokens', '?')}-token question "
+                f"({info.get('prompt_tokens')} prompt tokens), {info.get('new_tokens')} greedy tokens; "
+                f"{ttft.repeats} run(s) after {ttft.warmup} warm-up")
+        if run.get("command"):
+            head += f"; measured by `{run['command']}`" + (f" ({run['created'][:10]})" if run.get("created") else "")
+        if machine:
+            head += f" on {machine_line(machine)}"
+        rates = []
+        if info.get("bandwidth_read_gbs"):
+            rates.append(f"read bandwidth {fmt(info['bandwidth_read_gbs'])} GB/s")
+        if info.get("matmul_gflops"):
+            rates.append(f"fp32 GEMM {fmt(info['matmul_gflops'])} GFLOP/s (numpy)")
+        head += (", " + ", ".join(rates) if rates else "") + "."
+        speed, bound_rows = [], []
+        for r in rows:
+            c = next((c for c in comps if c["kind"] == "e2e real-size" and c["model"] == model
+                      and c["name"] == f"{r['backend']} {r['precision']}"), {})
+            runtime_row = r["backend"] == "ftz_edge runtime"
+            part = (lambda name: _m(r, "runtime_" + name)) if runtime_row else (lambda name: _m(r, "part_" + name))
+            is_fp32 = (r["backend"], r["precision"]) == EAGER_FP32
+            speed.append([r["backend"], r["precision"], _m(r, "time_to_first_token_ms"), part("preprocess_ms"),
+                          part("vision_ms"), part("prefill_ms"), _m(r, "decode_tokens_per_s"),
+                          "1.00× (baseline)" if is_fp32 else _x(c.get("ttft_vs_pytorch_fp32")),
+                          _x(c.get("ttft_vs_pytorch_bf16")), _mem(r)])
+            weight = r["info"].get("weight_bytes_per_token")
+            bound_rows.append([r["backend"], r["precision"], fmt(c.get("first_token_gflops")),
+                               fmt(c.get("first_token_flop_bound_ms")), _pct(c.get("first_token_of_flop_bound")),
+                               fmt(weight / 1e6) if weight else "—", fmt(c.get("decode_bound_tokens_per_s")),
+                               _pct(c.get("decode_fraction_of_bound"))])
+        notes = sorted({r["info"]["bounds_note"] for r in rows if r["info"].get("bounds_note")})
+        blocks.append("\n\n".join([
+            head,
+            _table(["path", "precision", "time to first token ms", "preprocess ms", "vision ms", "prefill ms",
+                    "decode tok/s", "first token vs PyTorch fp32", "first token vs PyTorch bf16", "peak RSS MB"], speed),
+            _table(["path", "precision", "GFLOPs to first token (vision + prefill)", "FLOP bound ms", "of FLOP bound",
+                    "weights read / token MB", "bandwidth bound tok/s", "of bound"], bound_rows),
+            "\n".join(f"- `{Path(b['info'].get('bundle', '')).name}` (vision {b['info'].get('vision_precision')}, LLM "
+                      f"{b['info'].get('llm_precision')}): {_export_line(b['info'])}."
+                      for b in rows if b["backend"] == "ftz_edge runtime")
+            + "".join(f"\n- {n}." for n in notes)]))
+    if not blocks:
+        return ""
+    return "\n\n".join(blocks) + (
+        "\n\nParts of the first token: the runtime's own timings of the request; PyTorch's from the same "
+        "`generate` call (preprocessing and prompt, the tower by hooks, prefill = first token − tower end). "
+        "FLOP bound: GFLOPs (from the configs) ÷ the fp32 GEMM rate; bf16 and quantized kernels can beat it, so "
+        "'of FLOP bound' can pass 100 %. Bandwidth bound: read bandwidth ÷ weight bytes read per token.")
 
 
 def startup_table(results: dict) -> str:
@@ -264,12 +382,18 @@ def markdown(results: dict) -> str:
                     "throttled machine understates bandwidth), so read it as a lower bound of the machine's speed."
                     if any((c.get("decode_fraction_of_bound") or 0) > 1 for c in comps) else "")),
                 ("End to end (image + question → answer, through the runtime; image cache off)", e2e_table(results)),
+                ("End to end at paper size (an exported bundle through the runtime, PyTorch eager on its checkpoint)",
+                 real_e2e_table(results, comps)),
                 ("Start-up: cold vs warm-started first request (image cache off)", startup_table(results)),
                 ("Not available or failed on this machine", unavailable(results))]
     for title, body in sections:
         if body:
             out += [f"## {title}", "", body, ""]
-    notes = results.get("notes") or []
+    notes = list(results.get("notes") or [])
+    for m in results.get("merged") or []:
+        notes.append(f"Merged from a later run (`ftz-bench --merge-into`): {len(m['rows'])} row(s) of `{m['command']}` "
+                     f"({m.get('created', '?')[:10]}) on {_machine_of(m)}: " + "; ".join(
+                         f"{k[0]} / {k[2]} / {k[4]} {k[5]}" for k in m["rows"]) + ".")
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     builds = [r for r in results["rows"] if r["suite"] == "build"]
@@ -298,6 +422,7 @@ def performance_section(results_dir, relative_to=None) -> str:
                         ("Fusion overhead and pruning", fusion_table(comps)),
                         ("LLM", llm_table(results, comps)),
                         ("End to end", e2e_table(results)),
+                        ("End to end at paper size", real_e2e_table(results, comps)),
                         ("Cold vs warm start", startup_table(results)),
                         ("Not available here", unavailable(results))):
         if body:
@@ -386,26 +511,28 @@ def plots(results: dict, out: Path) -> list[str]:
         for ax in axes[1:]:
             ax.set_yticks([])
         save(fig, "llm_speed.png")
-    e2e = _ok(results["rows"], "e2e")
-    if e2e:
-        from ftz_edge.bench.e2e_bench import PARTS
+    from ftz_edge.bench.e2e_bench import PARTS
 
-        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.6 * len(e2e)))
-        for i, r in enumerate(e2e):
+    # The runtime's rows (PyTorch baselines have no parts timed apart), one axis each: a tiny and
+    # a paper-size model differ by three orders of magnitude.
+    e2e = [r for r in _ok(results["rows"], "e2e") if all(metric(r, p) for p in (*PARTS, "answer_ms"))]
+    if e2e:
+        fig, axes = plt.subplots(len(e2e), 1, figsize=(8, 2.1 * len(e2e)), squeeze=False)
+        for ax, r in zip(axes[:, 0], e2e):
             left = 0.0
             for part in PARTS:
                 value = metric(r, part).median
-                ax.barh(i * 2 + 1, value, left=left, label=part.replace("part_", "").replace("_ms", "") if i == 0 else None)
+                ax.barh(1, value, left=left, label=part.replace("part_", "").replace("_ms", ""))
                 left += value
             answer = metric(r, "answer_ms")
-            ax.barh(i * 2, answer.median, xerr=[[answer.median - answer.min], [answer.max - answer.median]], color="grey",
-                    capsize=3, label="answer through the runtime" if i == 0 else None)
-        ax.set_yticks([2 * i + k for i in range(len(e2e)) for k in (0, 1)],
-                      [t for r in e2e for t in ("runtime", "sum of parts")], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("ms (median)")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title("End to end vs the sum of its parts", fontsize=9)
+            ax.barh(0, answer.median, xerr=[[answer.median - answer.min], [answer.max - answer.median]], color="grey",
+                    capsize=3, label="answer through the runtime")
+            ax.set_yticks([0, 1], ["runtime", "sum of parts"], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("ms (median)")
+            ax.legend(fontsize=6, loc="lower right")
+            ax.set_title(f"End to end vs the sum of its parts: {r['model']} ({r['precision']})", fontsize=9)
+        fig.tight_layout()
         save(fig, "e2e_parts.png")
     startup = _ok(results["rows"], "startup")
     if startup:
@@ -436,5 +563,41 @@ def write_report(results: dict, out) -> dict:
 
 def load(results_dir) -> dict:
     return json.loads((Path(results_dir) / "results.json").read_text())
+
+
+def _machine_of(merged: dict) -> str:
+    from ftz_edge.bench.machine import machine_line
+
+    return machine_line(merged["machine"]) if merged.get("machine") else "an unrecorded machine"
+
+
+def merge_results(base: dict, new: dict) -> dict:
+    """``base`` with the rows of the run ``new``: a row of the same case (suite, size, model, path,
+    backend, precision, batch) is replaced; a base row that was "not available" or "failed" in a
+    suite and size that ``new`` measured is dropped (``new`` says what it could not run itself);
+    every other base row is kept as it is. The merge is recorded under ``merged`` (command, date,
+    machine, rows), the base run's own header is left as it was."""
+    from ftz_edge.bench.results import row_key
+
+    fresh = new["rows"]
+    keys = {row_key(r) for r in fresh}
+    measured = {(r["suite"], r["size"]) for r in fresh if r["status"] == "ok" and r["suite"] != "build"}
+    kept = [r for r in base["rows"] if row_key(r) not in keys
+            and not (r["status"] in ("not available", "failed") and (r["suite"], r["size"]) in measured)]
+    record = {"command": new.get("command"), "created": new.get("created"), "machine": new.get("machine"),
+              "bandwidth": new.get("bandwidth"), "compute": new.get("compute"),
+              "rows": [list(row_key(r)) for r in fresh]}
+    merged = {k: v for k, v in base.items() if k not in ("comparisons", "plots", "schema")}
+    merged["rows"] = kept + fresh
+    merged["merged"] = [m for m in base.get("merged") or [] if m.get("command") != record["command"]] + [record]
+    return merged
+
+
+def merge_into(target, source) -> int:
+    """Merge the run in folder ``source`` into the results folder ``target`` and rewrite its
+    results.json, results.md and plots (its bench.log stays); returns the rows merged."""
+    new = load(source)
+    write_report(merge_results(load(target), new), target)
+    return len(new["rows"])
 
 

@@ -117,7 +117,8 @@ _SCHEMA: Dict[str, Dict[str, Any]] = {
     "llm": {"folder": "path", "file": "llm_path", "embeddings": "llm_path", "genai_config": "?llm_path",
             "tokenizer": "?llm_path", "precision": str, "execution_provider": ("cpu", "cuda"),
             "context_length": "count", "vocab_size": "count", "hidden_size": "count", "num_layers": "count",
-            "num_kv_heads": "count", "head_size": "count", "inputs": "?io", "outputs": "?io"},
+            "num_kv_heads": "count", "head_size": "count", "inputs": "?io", "outputs": "?io",
+            "min_onnxruntime": "?str", "builder_version": "?str", "onnxruntime_version": "?str", "lm_head": "?str"},
     "preprocess": {"anchor": dict, "augmenter": "*dict"},  # null: a tower without an augmenter (clip)
     "prompt": {"chat_template": "*str", "bos_token": str, "eos_token": str, "eos_token_ids": "ids", "tokenizer": "path",
                "max_length": "count", "image_placeholder": str, "image_token_id": int, "pad_token_id": "?int"},

@@ -314,6 +314,7 @@ def bundle_spec(bundle: Path, manifest: dict, use_engine: bool = True) -> mb.Mod
         fusion_points=len(vision.get("fusion_layers") or []),
         tensorrt_workspace_bytes=int(record.get("workspace_bytes") or 0),
         last_position_logits=any(o["name"] == "logits" and o["shape"][1] == 1 for o in llm.get("outputs", [])),
+        lm_head_last_position=llm.get("lm_head") == "last position only",
         checkpoint=manifest.get("provenance", {}).get("checkpoint", "<your checkpoint>"),
         assumptions=[f"context {context} = min(max_length {manifest['prompt']['max_length']}, the LLM's "
                      f"context_length {llm['context_length']}), as the runtime uses it",
@@ -340,7 +341,7 @@ def _decoder_step(bundle: Path, manifest: dict, providers: List[str]) -> dict:
     start = time.perf_counter()
     try:
         decoder = OnnxDecoder(bundle / llm["folder"], model_file=llm["file"], embeddings_file=llm["embeddings"],
-                              providers=providers)
+                              providers=providers, min_onnxruntime=llm.get("min_onnxruntime"))
         logits, _ = decoder.forward(decoder.embed([0])[None], decoder.empty_cache())
         if logits.shape[-1] != llm["vocab_size"] or not np.isfinite(logits).all():
             raise RuntimeError(f"logits of shape {logits.shape} (vocab {llm['vocab_size']}), finite: {np.isfinite(logits).all()}")

@@ -110,7 +110,8 @@ class FtZRuntime:
         self.vision = self._vision_backend(vision, vision_backend, self.providers.vision)
         self.num_image_tokens = vision["num_image_tokens"]
         self._check_image_tokens(vision)
-        self.decoder = OnnxDecoder(self.bundle / llm["folder"], providers=self.providers.decoder)
+        self.decoder = OnnxDecoder(self.bundle / llm["folder"], model_file=llm["file"], embeddings_file=llm["embeddings"],
+                                   providers=self.providers.decoder, min_onnxruntime=llm.get("min_onnxruntime"))
         self.context_length = min(self.prompt_spec["max_length"], llm["context_length"])
         self.eos_token_ids = set(self.prompt_spec["eos_token_ids"])
         self.last_timings: Optional[Timings] = None

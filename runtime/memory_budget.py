@@ -123,6 +123,9 @@ class ModelSpec:
     # ftz-export trims the decoder's logits output to the last position (export/llm.py); older
     # bundles return every position, which is then copied to the host too.
     last_position_logits: bool = True
+    # Bundles exported from ftz-edge 0.1 on with the LM head fed the last position only (manifest
+    # llm.lm_head == "last position only"): one logits row exists at all, even inside the graph.
+    lm_head_last_position: bool = True
     assumptions: List[str] = field(default_factory=list)
     checkpoint: str = "<your checkpoint>"  # for the ftz-export commands in suggestions
 
@@ -181,14 +184,18 @@ def budget(spec: ModelSpec, gpu: bool) -> MemoryBudget:
     kept = spec.fusion_points * spec.augmenter.tokens * spec.augmenter.width if spec.augmenter else 0
     vision_act = (vision_peak + kept + spec.image_tokens * spec.hidden) * act_vision
     t = spec.prefill_tokens
-    # Every prompt position's logits exist once inside the graph (the full projection); an
-    # untrimmed output is also copied to the host.
-    logits = (1 if spec.last_position_logits else 2) * t * spec.vocab * act_llm
+    # Older decoders computed every prompt position's logits inside the graph (the full
+    # projection), and an untrimmed output also went to the host; now the head sees one row.
+    if spec.lm_head_last_position:
+        logits = spec.vocab * act_llm
+        logits_how = "last position only"
+    else:
+        logits = (1 if spec.last_position_logits else 2) * t * spec.vocab * act_llm
+        logits_how = "every position" + (" inside the graph" if spec.last_position_logits else " on device and host")
     llm_layer = layer_activation_elements(t, spec.hidden, 2 * spec.mlp, spec.heads) * act_llm
     activations = vision_act + logits + llm_layer + kv + spec.tensorrt_workspace_bytes
     act_how = (f"vision {_fmt(vision_act)} (largest encoder layer at batch 1 + fused-in states), LLM prefill of "
-               f"{t} tokens {_fmt(logits + llm_layer)} (logits of every position"
-               f"{' inside the graph' if spec.last_position_logits else ' on device and host'}: "
+               f"{t} tokens {_fmt(logits + llm_layer)} (logits of the {logits_how}: "
                f"{_fmt(logits)}), second KV copy during a step {_fmt(kv)}")
     if spec.tensorrt_workspace_bytes:
         act_how += f", TensorRT workspace limit {_fmt(spec.tensorrt_workspace_bytes)}"

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -734,6 +735,16 @@ class FtZServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``, or a ValueError that says why not (a port in use,
+    no permission, an unknown host)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:  # socket.gaierror included
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineParser(prog="ftz-serve", description="A local OpenAI-compatible image chat API over an FtZ bundle.")
     defaults = ServeConfig()
@@ -783,6 +794,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             config.bundle = str(ensure_default_bundle())
         read_manifest(config.bundle, verify=False)  # a wrong path fails here, before the port opens
         app = create_app(config)
+        listener = listen(config.host, config.port)  # before the model loads: a port in use fails at once
     except (BundleError, ValueError) as err:
         print(f"ftz-serve: error: {err}", file=sys.stderr)
         return 2
@@ -804,7 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threading.Thread(target=stop_when_loading_fails, daemon=True).start()
     print(f"ftz-serve: http://{config.host}:{config.port}/v1 (bundle {config.bundle}); /health says when it is ready",
           file=sys.stderr)
-    server.run()
+    server.run(sockets=[listener])
     return 1 if service.state == "error" else 0
 
 

@@ -297,3 +297,199 @@ def test_cli_tiny_run_on_the_default_model(default_bundle, tmp_path, monkeypatch
         expected, why = "not available", "TensorRT is not installed" if not tensorrt_available() else "no CUDA GPU"
     assert trt and all(r["status"] == expected and why in (r["note"] or "") for r in trt), trt
     assert "## Fusion overhead and dead-layer pruning" in (out / "results.md").read_text()
+
+
+# -- the real-size (paper-size) end-to-end rows ---------------------------------------------------
+
+
+def test_paper_bundle_is_built_by_ftz_export_once(tmp_path, monkeypatch):
+    """The cached paper-size bundle comes from ftz-export's own export_bundle (one builder), with
+    the options the bench states, from the cached checkpoint; a finished bundle is reused."""
+    from ftz_edge.bench import artifacts
+    from ftz_edge.export import bundle as export
+
+    monkeypatch.setenv("FTZ_EDGE_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(export, "export_bundle", lambda options: calls.append(options) or Path(options.out))
+    monkeypatch.setattr(artifacts, "is_bundle", lambda path: bool(calls))
+    row = artifacts.build_paper_bundle()[0]
+    assert len(calls) == 1 and row["note"] == "built" and row["status"] == "ok"
+    options = calls[0]
+    assert (options.precision, options.llm_precision, options.validation_images) == ("fp16", "int4", 2)
+    assert Path(options.checkpoint) == artifacts.paper_checkpoint() and Path(options.out) == artifacts.paper_bundle()
+    assert artifacts.paper_bundle().parent == tmp_path / "bench"
+    assert artifacts.build_paper_bundle()[0]["note"] == "reused" and len(calls) == 1
+
+
+def test_real_e2e_plan(tmp_path, monkeypatch):
+    """--size real plans the paper-size row: the checkpoint and bundle builds when they are not
+    cached (the bundle's after the checkpoint's), the runtime on the bundle, PyTorch fp32 and bf16
+    on the checkpoint (bf16 'not available' without native bf16); nothing is built when cached,
+    and --e2e-bundle takes an exported bundle as it is."""
+    from ftz_edge.bench import artifacts, cli
+
+    monkeypatch.setenv("FTZ_EDGE_CACHE", str(tmp_path))
+    _, args = cli.parse_args(["--suite", "e2e", "--size", "real", "--repeats", "1"])
+    plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
+    builds = [c for c in plan.cases if c.suite == "build"]
+    assert [c.target.rsplit(":", 1)[1] for c in builds] == ["build_paper_checkpoint", "build_paper_bundle"]
+    checkpoint_key, bundle_key = builds[0].needs[0], builds[1].needs[0]
+    assert checkpoint_key in builds[1].needs
+    cases = {c.target.rsplit(":", 1)[1] + (" " + c.kwargs.get("precision", "")): c for c in plan.cases if c.suite == "e2e"}
+    assert set(cases) == {"e2e_case ", "torch_case fp32"}  # no default-size row with --size real
+    runtime = cases["e2e_case "]
+    assert runtime.needs == [bundle_key] and runtime.kwargs["bundle"] == str(artifacts.paper_bundle())
+    assert runtime.kwargs["ignore_eos"] and runtime.kwargs["question"] == artifacts.E2E_QUESTION
+    assert cases["torch_case fp32"].needs == [checkpoint_key]
+    assert cases["torch_case fp32"].kwargs["checkpoint"] == str(artifacts.paper_checkpoint())
+    missing = {(r["backend"], r["precision"]): r["note"] for r in plan.rows if r["status"] == "not available"}
+    assert "no native bf16" in missing[("PyTorch eager", "bf16")]
+    assert plan.real_e2e
+
+    plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2", "avx512_bf16"])
+    assert any(c.target.endswith(":torch_case") and c.kwargs["precision"] == "bf16" for c in plan.cases)
+
+    monkeypatch.setattr(artifacts, "is_bundle", lambda path: True)
+    monkeypatch.setattr(artifacts, "is_checkpoint_folder", lambda path: True)
+    plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
+    assert not [c for c in plan.cases if c.suite == "build"]
+    assert {r["note"] for r in plan.rows if r["suite"] == "build"} == {"reused"}
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--e2e-bundle", str(tmp_path / "nothing")])
+
+
+def test_real_e2e_on_the_tiny_default_bundle(default_bundle, tmp_path):
+    """The real-size case run for real on the shipped tiny model's bundle (fast): the runtime row
+    with its first-token parts, decode speed, the manifest's export record and bundle size; the
+    PyTorch baselines on the checkpoint the manifest names; the bounds; no timing asserted."""
+    from ftz_edge import DEFAULT_MODEL
+    from ftz_edge.bench.cli import main
+    from ftz_edge.bench.machine import describe_machine
+
+    out = tmp_path / "run"
+    assert main(["--suite", "e2e", "--size", "real", "--e2e-bundle", str(default_bundle), "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = [r for r in data["rows"] if r["suite"] == "e2e"]
+    assert {r["size"] for r in rows} == {"real"}
+    failed = [(r["backend"], r["precision"], r["note"]) for r in rows if r["status"] == "failed"]
+    assert not failed, failed
+    by = {(r["backend"], r["precision"]): r for r in rows}
+    runtime = by[("ftz_edge runtime", "fp32/fp32")]
+    for name in ("time_to_first_token_ms", "runtime_preprocess_ms", "runtime_vision_ms", "runtime_prefill_ms",
+                 "decode_tokens_per_s", "answer_ms", "sum_of_parts_ms"):
+        assert name in runtime["metrics"], name
+    info = runtime["info"]
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    assert info["bundle_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
+    assert info["export_seconds"] == manifest["provenance"]["export_seconds"]
+    # None in bundles exported before ftz-export recorded them.
+    assert info["export_stage_seconds"] == manifest["provenance"].get("stage_seconds")
+    assert info["export_peak_rss_gb"] == manifest["provenance"].get("peak_rss_gb")
+    assert info["new_tokens"] == 3 and info["question_tokens"] > 20  # EOS ignored: every run decodes the same count
+    assert Path(info["checkpoint"]).resolve() == DEFAULT_MODEL.resolve()
+    assert runtime["memory"]["peak_rss_mb"] > 0
+    flags = describe_machine()["cpu_flags"]
+    native = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    expected = {("PyTorch eager", "fp32"): "ok", ("PyTorch eager", "bf16"): "ok" if native else "not available"}
+    assert {k: by[k]["status"] for k in expected} == expected
+    torch_fp32 = by[("PyTorch eager", "fp32")]
+    assert torch_fp32["info"]["prompt_tokens"] == info["prompt_tokens"]
+    assert {"time_to_first_token_ms", "part_vision_ms", "part_prefill_ms", "decode_tokens_per_s"} <= set(torch_fp32["metrics"])
+    # Bounds: machine rates and FLOPs on every measured row, and the ratios and bounds derived from them.
+    for row in (r for r in rows if r["status"] == "ok"):
+        i = row["info"]
+        assert i["machine"]["cpu_flags"] is not None and i["bandwidth_read_gbs"] > 0 and i["matmul_gflops"] > 0
+        assert i["gflops"]["first_token"] == pytest.approx(i["gflops"]["vision"] + i["gflops"]["prefill"])
+        assert i["gflops"]["vision"] > 0 and i["weight_bytes_per_token"] > 0 and i["run"]["command"].startswith("ftz-bench")
+    comp = next(c for c in data["comparisons"] if c["kind"] == "e2e real-size" and c["name"] == "ftz_edge runtime fp32/fp32")
+    assert comp["ttft_vs_pytorch_fp32"] == pytest.approx(
+        runtime["metrics"]["time_to_first_token_ms"]["median"] / torch_fp32["metrics"]["time_to_first_token_ms"]["median"])
+    assert ("ttft_vs_pytorch_bf16" in comp) == native
+    assert comp["first_token_flop_bound_ms"] == pytest.approx(info["gflops"]["first_token"] / info["matmul_gflops"] * 1e3)
+    assert comp["decode_bound_tokens_per_s"] == pytest.approx(info["bandwidth_read_gbs"] * 1e9 / info["weight_bytes_per_token"])
+    md = (out / "results.md").read_text()
+    assert "## End to end at paper size" in md and "| path | precision | time to first token ms |" in md
+    assert "GFLOPs to first token (vision + prefill)" in md and "bandwidth bound tok/s" in md
+    _valid_png(out / "e2e_parts.png")
+
+
+def test_model_cost_matches_the_loaded_tower():
+    """FLOPs counted from a checkpoint's configs on the meta device equal tower_cost of the loaded
+    tower; the prefill arithmetic is 2 FLOPs per multiply-add plus the causal half of attention."""
+    from ftz_edge import DEFAULT_MODEL
+    from ftz_edge.bench import artifacts, bounds
+    from ftz_edge.sizes import tower_cost
+
+    cost = bounds.model_cost(DEFAULT_MODEL)
+    vision, _ = artifacts.load_vision("default", None)
+    assert cost["vision_gflops"] == pytest.approx(tower_cost(vision, artifacts.specs("default")[1].crop_height).gflops)
+    toy = {"llm_layer_params": 1000, "lm_head_params": 100, "llm_layers": 2, "attention_width": 8}
+    assert bounds.prefill_gflops(toy, 4) * 1e9 == pytest.approx(2 * 4 * 1000 + 2 * 2 * 2 * 8 * 10 + 2 * 100)
+    assert bounds.decode_gflops(toy, 4) * 1e9 == pytest.approx(2 * 1100 + 2 * 2 * 2 * 8 * 4)
+    assert bounds.first_token_bound_ms({"first_token": 50.0}, 100.0) == pytest.approx(500.0)
+    assert bounds.first_token_bound_ms(None, 100.0) is None
+
+
+def _real_e2e_rows(command="ftz-bench --suite e2e --size real"):
+    label = "FtZ CLIP-L/14-336 + DINOv2-L/14 + Qwen2.5-0.5B"
+    common = {"run": {"command": command, "created": "2026-01-01T00:00:00Z"}, "bandwidth_read_gbs": 20.0,
+              "matmul_gflops": 200.0, "prompt_tokens": 620, "question_tokens": 31, "new_tokens": 32,
+              "gflops": {"vision": 540.0, "prefill": 460.0, "first_token": 1000.0, "decode_per_token": 1.0},
+              "machine": {"cpu": "Test CPU", "cpu_flags": ["avx2", "avx512_bf16"], "logical_cores": 2, "ram_gib": 24,
+                          "gpu": None}}
+    row = lambda backend, precision, ttft, decode, weight, **extra: make_row(  # noqa: E731
+        "e2e", "real", label, "image + question -> answer", backend, precision, 1,
+        {"time_to_first_token_ms": Measurement(ttft), "decode_tokens_per_s": Measurement(decode, "tok/s"),
+         "part_vision_ms": Measurement([1000.0]), "part_prefill_ms": Measurement([900.0]),
+         "part_preprocess_ms": Measurement([10.0])}, info={**common, "weight_bytes_per_token": weight, **extra},
+        memory={"peak_rss_mb": 3000.0})
+    return [row("ftz_edge runtime", "fp16/int4", [2000, 2100, 1900], [40, 42, 38], 0.32e9, bundle="/b/b-fp16",
+                bundle_bytes=1.8e9, export_seconds=978.5, export_stage_seconds=None, export_peak_rss_gb=None,
+                vision_precision="fp16", llm_precision="int4"),
+            row("PyTorch eager", "fp32", [5000, 5100, 4900], [8, 8, 8], 2.0e9),
+            row("PyTorch eager", "bf16", [2500, 2600, 2400], [16, 16, 16], 1.0e9)]
+
+
+def test_real_e2e_ratios_and_bounds():
+    results = _synthetic_results()
+    results["rows"] += _real_e2e_rows()
+    comps = report.comparisons(results)
+    runtime = next(c for c in comps if c["kind"] == "e2e real-size" and c["name"] == "ftz_edge runtime fp16/int4")
+    assert runtime["ttft_vs_pytorch_fp32"] == pytest.approx(0.4) and runtime["ttft_vs_pytorch_bf16"] == pytest.approx(0.8)
+    assert runtime["first_token_flop_bound_ms"] == pytest.approx(5000.0)  # 1000 GFLOPs at 200 GFLOP/s
+    assert runtime["first_token_of_flop_bound"] == pytest.approx(2.5)  # faster than the fp32 rate allows
+    assert runtime["decode_bound_tokens_per_s"] == pytest.approx(62.5)  # 20 GB/s over 0.32 GB
+    assert runtime["decode_fraction_of_bound"] == pytest.approx(40 / 62.5)
+    md = report.markdown({**results, "comparisons": comps})
+    assert "0.40×" in md and "0.80×" in md and "978 s" in md and "stage times and peak RSS not in its manifest" in md
+    assert "Test CPU (2 logical cores, avx2, avx512_bf16)" in md
+    # The default-size e2e block is unchanged by real-size rows.
+    assert report.e2e_table(results) == report.e2e_table(_synthetic_results())
+
+
+def test_merge_into_replaces_only_what_it_measured(tmp_path):
+    base_dir, run_dir = tmp_path / "committed", tmp_path / "run"
+    base = _synthetic_results()
+    base["rows"].append(make_row("e2e", "real", "real-size FtZ", "image + question -> answer", "ftz_edge runtime",
+                                 "bundle", 1, status="not available", note="no real-size bundle"))
+    report.write_report(base, base_dir)
+    before = json.loads((base_dir / "results.json").read_text())
+    run = {**_synthetic_results(), "command": "ftz-bench --suite e2e --size real", "created": "2026-01-01T00:00:00Z",
+           "rows": _real_e2e_rows()}
+    report.write_report(run, run_dir)
+    from ftz_edge.bench.cli import main
+
+    assert main(["--merge-into", str(base_dir), "--from", str(run_dir)]) == 0
+    after = json.loads((base_dir / "results.json").read_text())
+    kept = [r for r in before["rows"] if r["note"] != "no real-size bundle"]
+    assert after["rows"][:len(kept)] == kept  # every other committed row exactly as it was
+    assert after["rows"][len(kept):] == json.loads(json.dumps(run["rows"]))
+    assert after["command"] == before["command"] and after["machine"] == before["machine"]
+    assert after["merged"][0]["command"] == "ftz-bench --suite e2e --size real" and len(after["merged"][0]["rows"]) == 3
+    md = (base_dir / "results.md").read_text()
+    assert "## End to end at paper size" in md and "no real-size bundle" not in md
+    assert "End to end at paper size" in report.performance_section(base_dir)
+    main(["--merge-into", str(base_dir), "--from", str(run_dir)])  # merging the same run again changes nothing
+    assert json.loads((base_dir / "results.json").read_text())["rows"] == after["rows"]

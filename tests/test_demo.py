@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-gr = pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
+import gradio as gr  # the dev extra brings it: a missing one must fail, not skip
 
 from conftest import free_port, stop_process  # noqa: E402
 from ftz_edge.demo import app as demo  # noqa: E402

@@ -432,3 +432,10 @@ def test_readme_accuracy_table_is_the_committed_result():
     overall = " | ".join(f"{m['synthetic/overall/accuracy']:.1f} %" for m in metrics)
     pairs = " | ".join(f"{m['synthetic/color/accuracy']:.0f} / {m['synthetic/count/accuracy']:.0f} %" for m in metrics)
     assert f"| overall | {overall} |" in readme and f"| colour / count | {pairs} |" in readme
+    # Per-answer agreement with PyTorch: an accuracy that stays put can hide many changed answers.
+    reference = {p["id"]: p["prediction"] for p in results["pytorch-fp32"]["synthetic"]["predictions"]}
+    agreement = []
+    for name in ("pytorch-fp32", "onnx-fp32", "fp16-tower+int4-llm", "int8-tower+int8-llm"):
+        predictions = {p["id"]: p["prediction"] for p in results[name]["synthetic"]["predictions"]}
+        agreement.append(f"{sum(predictions[i] == answer for i, answer in reference.items())} / {len(reference)}")
+    assert f"| same answer as PyTorch | {' | '.join(agreement)} |" in readme

@@ -14,7 +14,7 @@ from ftz_edge.checkpoint import save_checkpoint
 from ftz_edge.export import bundle as bundle_module
 from ftz_edge.export.validate import ValidationReport, validate_vision
 from ftz_edge.export.vision import export_vision, input_shapes, layers_in_graph
-from ftz_edge.manifest import BundleError, MANIFEST_NAME, read_manifest, write_manifest
+from ftz_edge.manifest import read_manifest
 from ftz_edge.mllm import FtZForCausalLM
 
 DEFAULT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"

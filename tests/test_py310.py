@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -37,7 +36,6 @@ DEVICE_TESTS = ROOT / "tests" / "device" / "test_runtime_device.py"
 
 
 def test_device_code_needs_no_python_newer_than_3_10():
-    pytest.importorskip("vermin", reason="vermin is in the dev extra")
     vermin = shutil.which("vermin")
     assert vermin, "the vermin command is not on PATH"
     result = subprocess.run([vermin, "-t=3.10-", "--violations", "--no-tips",

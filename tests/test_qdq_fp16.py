@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime  # noqa: F401 - the export extra; a missing one must fail, not skip
 from onnx import TensorProto  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one dynamo export + two quantize_static runs + a few conversions (~1 min on 2 cores)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime  # noqa: F401 - the export extra; a missing one must fail, not skip
 from onnx import numpy_helper  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one dynamo export (~15 s on 2 cores) + a dozen quantize_static runs
