@@ -16,6 +16,7 @@ available, with the reason, instead of silently missing.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -326,6 +327,7 @@ def run_plan(plan: Plan, log: Path, show_progress: bool = True) -> list[dict]:
                 bar.update(step)
 
         runs, error = [], None
+        load_before = _load_average()
         for attempt in range(case.fresh_processes):
             result = run_isolated(case.target, case.kwargs, timeout=case.timeout, log=log, on_progress=progress)
             if "error" in result:
@@ -338,6 +340,9 @@ def run_plan(plan: Plan, log: Path, show_progress: bool = True) -> list[dict]:
                 r["memory"]["peak_rss_mb"] = result.get("peak_rss_mb")
                 r["memory"]["process_baseline_rss_mb"] = result.get("baseline_rss_mb")
                 r["info"]["process_seconds"] = round(result["seconds"], 1)
+                # The machine's 1-minute load around the case (this case's own threads count in it):
+                # on a shared machine it says how much else was running.
+                r["info"]["load_average_1min"] = [load_before, _load_average()]
             runs.append(result["rows"])
         if error is not None:
             rows.append({**case.placeholder, "status": "failed", "note": error})
@@ -350,6 +355,13 @@ def run_plan(plan: Plan, log: Path, show_progress: bool = True) -> list[dict]:
     if bar:
         bar.close()
     return rows
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on Windows
+        return None
 
 
 def parse_args(argv=None):

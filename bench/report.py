@@ -117,9 +117,10 @@ def real_e2e_comparisons(results: dict) -> list[dict]:
     for r in real:
         ttft, decode, info = metric(r, "time_to_first_token_ms"), metric(r, "decode_tokens_per_s"), r["info"]
         entry = {"kind": "e2e real-size", "model": r["model"], "name": f"{r['backend']} {r['precision']}"}
-        for precision in ("fp32", "bf16"):
+        run = (info.get("run") or {}).get("command")
+        for precision in ("fp32", "bf16"):  # ratios within one run only
             base = _find(real, model=r["model"], backend="PyTorch eager", precision=precision)
-            if base and base is not r and (base["info"].get("run") or {}).get("command") == (info.get("run") or {}).get("command"):
+            if base and base is not r and (base["info"].get("run") or {}).get("command") == run:
                 entry[f"ttft_vs_pytorch_{precision}"] = ratio(ttft, metric(base, "time_to_first_token_ms"))
         gflops = info.get("gflops")
         bound_ms = first_token_bound_ms(gflops, info.get("matmul_gflops"))
@@ -295,6 +296,10 @@ def real_e2e_table(results: dict, comps: list[dict]) -> str:
         if info.get("matmul_gflops"):
             rates.append(f"fp32 GEMM {fmt(info['matmul_gflops'])} GFLOP/s (numpy)")
         head += (", " + ", ".join(rates) if rates else "") + "."
+        loads = [x for r in rows for x in r["info"].get("load_average_1min") or [] if x is not None]
+        if loads and machine:
+            head += (f" The machine's 1-minute load average around these cases: {min(loads):.1f}–{max(loads):.1f} on "
+                     f"{machine.get('logical_cores')} logical cores (each case's own threads count in it).")
         speed, bound_rows = [], []
         for r in rows:
             c = next((c for c in comps if c["kind"] == "e2e real-size" and c["model"] == model

@@ -169,6 +169,8 @@ class _Stages:
             yield
         except (ExportError, KeyboardInterrupt):
             raise
+        except _OWN_ERRORS as err:  # already written for the user: keep the whole message
+            raise ExportError(f"{name}: {err}") from None
         except MemoryError:
             raise ExportError(f"{name}: out of memory ({_peak_rss_gb():.1f} GB peak RSS); close other programs "
                               "or export on a machine with more RAM") from None
@@ -184,6 +186,16 @@ class _Stages:
         self.seconds[name] = round(time.perf_counter() - started, 1)
         logger.info("[%d/%d] %s done in %.0f s (peak RSS %.1f GB)", number, len(self.names), name,
                     self.seconds[name], _peak_rss_gb())
+
+
+def _own_errors() -> tuple[type, ...]:
+    from ftz_edge.export.llm import LlmExportError
+    from ftz_edge.export.tensorrt import EngineBuildError, TensorRTUnavailable
+
+    return (LlmExportError, EngineBuildError, TensorRTUnavailable, ValueError)
+
+
+_OWN_ERRORS = _own_errors()
 
 
 def _peak_rss_gb() -> float:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ftz_edge.atomic import work_folder  # scratch folders that a killed export does not leak
 
 # What the builder can make, per precision: the execution providers allowed. Its own table also
 # lists fp32 for cuda, but that graph does not load in onnxruntime ("Graph output (present.0.key)
@@ -27,7 +28,7 @@ BUILDER_TARGETS = {"fp32": ("cpu",), "fp16": ("cuda",), "int8": ("cpu", "cuda"),
 
 # The oldest onnxruntime the decoder loads in once its GroupQueryAttention inputs are trimmed
 # (JetPack 6's onnxruntime-gpu wheels start at 1.22; CI runs the runtime on 1.22.1:
-# tests/test_device_py310.py). A GQA node that really uses 12 inputs (head_sink) needs 1.23.
+# tests/test_py310.py). A GQA node that really uses 12 inputs (head_sink) needs 1.23.
 MIN_ONNXRUNTIME = "1.22"
 GQA_MAX_INPUTS_1_22 = 11
 # Targets the builder makes but onnxruntime cannot load, and why (check_target says so).
@@ -61,7 +62,7 @@ def run_builder(hf_folder: Path, out: Path, precision: str, provider: str) -> No
     """ONNX Runtime GenAI's model builder: a Hugging Face folder -> ``out/model.onnx`` taking
     ``inputs_embeds`` (``exclude_embeds=true``) + ``genai_config.json``. Raises LlmExportError
     with the builder's last lines when it fails."""
-    with tempfile.TemporaryDirectory(prefix="ftz-builder-cache-") as cache:
+    with work_folder("ftz-builder-cache-") as cache:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
                    "-p", precision, "-e", provider, "-c", cache, "--extra_options", "exclude_embeds=true"]
         run = subprocess.run(command, capture_output=True, text=True)
@@ -201,7 +202,7 @@ def export_llm(model, out: Path, precision: str, provider: str) -> dict:
     builder fails or its decoder does not load."""
     check_target(precision, provider)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ftz-llm-") as work:
+    with work_folder("ftz-llm-") as work:
         hf_folder = Path(work) / "hf"
         # The builder reads a Hugging Face folder: write the LLM as the model holds it (trained or not).
         model.llm.save_pretrained(hf_folder)

@@ -26,7 +26,6 @@ with its in-memory inference off, and ``onnx_io.save`` writes ``<name>.data`` ab
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ftz_edge.atomic import work_folder  # scratch folders that a killed export does not leak
 from ftz_edge.export import onnx_io
 from ftz_edge.export.quantize import (
     DEFAULT_FP32_OPS,
@@ -318,7 +318,7 @@ def _inferred_types(path: Path) -> dict[str, int]:
     """Tensor element types of the graph at ``path`` after ONNX type inference with type checks,
     file to file (any size; the weights are not read)."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix=".ftz-qdq16-", dir=path.parent) as work:
+    with work_folder(".ftz-qdq16-", path.parent) as work:
         inferred = Path(work) / path.name
         onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
         return _tensor_types(onnx.load(str(inferred), load_external_data=False))

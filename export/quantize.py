@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import onnx
 
+from ftz_edge.atomic import work_folder  # scratch folders that a killed export does not leak
 from ftz_edge.export import onnx_io
 from ftz_edge.export.vision import node_module
 
@@ -95,7 +95,7 @@ def load_with_inferred_shapes(path: Path) -> onnx.ModelProto:
     protobuf's 2 GB), and writing its result beside ``path`` keeps the external weights'
     relative location valid."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="ftz-infer-") as work:
+    with work_folder("ftz-infer-") as work:
         inferred = Path(work) / path.name
         onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
         model = onnx.load(str(inferred), load_external_data=False)
@@ -478,7 +478,7 @@ def _calibrate(prepared: Path, samples: list[dict], method: str, options: dict, 
     """Run ORT's calibrator for ``method`` and write its ranges to ``cache`` (ORT's JSON format)."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    with tempfile.TemporaryDirectory(prefix="ftz-calib-") as work:
+    with work_folder("ftz-calib-") as work:
         calibrator = create_calibrator(
             Path(prepared), list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(work) / "augmented.onnx"),
             calibrate_method=_calibration_method(method), extra_options=options, use_external_data_format=large,
@@ -581,7 +581,7 @@ def quantize_int8(
     # Graphs over protobuf's 2 GB (the paper-size fp32 tower) go through every step with their
     # weights in side files.
     large = onnx_io.is_large(onnx_io.total_bytes(src))
-    with tempfile.TemporaryDirectory(prefix="ftz-quant-") as work:
+    with work_folder("ftz-quant-") as work:
         prepared, pre = _prepare(src, Path(work) / "prepared.onnx", large)
         exclude = excluded_nodes(prepared, policy)
         calib = _Calibration(prepared, samples, method, calibrator_options, Path(work), large)
@@ -677,7 +677,7 @@ def sensitivity_report(
     feeds = _check_feeds(evaluation, inputs, "evaluation")
     reference = run_model(src_fp32, feeds)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="ftz-sens-") as work:
+    with work_folder("ftz-sens-") as work:
         work = Path(work)
         prepared, _ = _prepare(src_fp32, work / "prepared.onnx", large)
         a = _anatomy(onnx.load(str(prepared), load_external_data=False))

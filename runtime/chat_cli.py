@@ -129,6 +129,10 @@ def chat(argv: Optional[List[str]]) -> int:
               f"LLM {runtime.backends['llm']} {runtime.backends['llm_precision']}]", file=sys.stderr)
         images = list(args.image)
         questions = [args.question] if args.question else None
+        if questions is None and hasattr(sys.stdin, "reconfigure"):
+            # Undecodable bytes typed in arrive as lone surrogates (refused with one error line,
+            # the chat goes on) instead of a strict decoder dropping what was read with them.
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             if questions is not None:
                 if not questions:
@@ -139,7 +143,7 @@ def chat(argv: Optional[List[str]]) -> int:
                     question = input("you> ").strip()
                 except EOFError:
                     break
-                except UnicodeDecodeError as err:  # a terminal not in UTF-8: say so, keep the chat
+                except UnicodeDecodeError as err:  # stdin that could not be reconfigured above
                     print(f"ftz-chat: error: the input is not UTF-8 text ({err.reason}); type it again", file=sys.stderr)
                     continue
                 if question in ("", "/quit", "/exit"):

@@ -396,7 +396,8 @@ def test_real_e2e_on_the_tiny_default_bundle(default_bundle, tmp_path):
     assert {k: by[k]["status"] for k in expected} == expected
     torch_fp32 = by[("PyTorch eager", "fp32")]
     assert torch_fp32["info"]["prompt_tokens"] == info["prompt_tokens"]
-    assert {"time_to_first_token_ms", "part_vision_ms", "part_prefill_ms", "decode_tokens_per_s"} <= set(torch_fp32["metrics"])
+    assert {"time_to_first_token_ms", "part_vision_ms", "part_prefill_ms",
+            "decode_tokens_per_s"} <= set(torch_fp32["metrics"])
     # Bounds: machine rates and FLOPs on every measured row, and the ratios and bounds derived from them.
     for row in (r for r in rows if r["status"] == "ok"):
         i = row["info"]
@@ -408,7 +409,8 @@ def test_real_e2e_on_the_tiny_default_bundle(default_bundle, tmp_path):
         runtime["metrics"]["time_to_first_token_ms"]["median"] / torch_fp32["metrics"]["time_to_first_token_ms"]["median"])
     assert ("ttft_vs_pytorch_bf16" in comp) == native
     assert comp["first_token_flop_bound_ms"] == pytest.approx(info["gflops"]["first_token"] / info["matmul_gflops"] * 1e3)
-    assert comp["decode_bound_tokens_per_s"] == pytest.approx(info["bandwidth_read_gbs"] * 1e9 / info["weight_bytes_per_token"])
+    assert comp["decode_bound_tokens_per_s"] == pytest.approx(
+        info["bandwidth_read_gbs"] * 1e9 / info["weight_bytes_per_token"])
     md = (out / "results.md").read_text()
     assert "## End to end at paper size" in md and "| path | precision | time to first token ms |" in md
     assert "GFLOPs to first token (vision + prefill)" in md and "bandwidth bound tok/s" in md

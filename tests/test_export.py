@@ -181,3 +181,46 @@ def test_an_existing_folder_that_is_not_a_bundle_is_never_replaced(tmp_path, cap
     assert bundle_module.main(["--out", str(precious), "--llm-precision", "fp32"]) == 2
     assert "exists and is not an ftz bundle" in capsys.readouterr().err
     assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_web_app_folder_with_a_manifest_json_is_never_replaced(tmp_path, capsys):
+    """The adversarial case: a manifest.json that is not ours does not make a folder a bundle."""
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "x"}')
+    (webapp / "index.html").write_text("precious")
+    assert bundle_module.main(["--out", str(webapp), "--llm-precision", "fp32"]) == 2
+    assert "ftz-export: error:" in capsys.readouterr().err
+    assert (webapp / "index.html").read_text() == "precious"
+
+
+@pytest.mark.parametrize("stage_function, error, message", [
+    ("convert_fp16", "EncodeError", "FP16 conversion failed: EncodeError: Failed to serialize proto"),
+    ("convert_fp16", "MemoryError", "FP16 conversion: out of memory"),
+    ("convert_fp16", "OSError", "FP16 conversion: No space left on device"),
+])
+def test_a_library_failure_inside_a_stage_is_one_line_naming_the_stage(tmp_path, capsys, monkeypatch, stage_function,
+                                                                       error, message):
+    """What the paper-size export printed was protobuf's traceback; now any stage's failure is one
+    line with the stage's name, exit status 2, and nothing written."""
+    import errno
+
+    from google.protobuf.message import EncodeError
+
+    from ftz_edge.export import quantize
+
+    raised = {"EncodeError": EncodeError("Failed to serialize proto"), "MemoryError": MemoryError(),
+              "OSError": OSError(errno.ENOSPC, "No space left on device")}[error]
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(quantize, stage_function, fail)
+    monkeypatch.delenv("FTZ_DEBUG", raising=False)
+    out = tmp_path / "bundle"
+    assert bundle_module.main(["--out", str(out), "--precision", "fp16", "--llm-precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ftz-export: error:") and message in last, last
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
