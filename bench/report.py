@@ -535,7 +535,7 @@ def plots(results: dict, out: Path) -> list[str]:
             ax.set_yticks([0, 1], ["runtime", "sum of parts"], fontsize=7)
             ax.invert_yaxis()
             ax.set_xlabel("ms (median)")
-            ax.legend(fontsize=6, loc="lower right")
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
             ax.set_title(f"End to end vs the sum of its parts: {r['model']} ({r['precision']})", fontsize=9)
         fig.tight_layout()
         save(fig, "e2e_parts.png")

@@ -7,10 +7,16 @@ Endpoints: ``POST /v1/chat/completions`` (OpenAI Chat Completions with ``image_u
 parts, ``stream: true`` as server-sent events ending with ``[DONE]``), ``GET /v1/models`` and
 ``GET /health`` ("warming" until the model is loaded and warmed up, then "ready").
 
-Built on the stack Gradio already brings: FastAPI (request validation, its own SSE encoder) and
-uvicorn. One model instance answers one request at a time on a worker thread, so the event loop
-stays free to take requests, to answer 429 when the bounded queue is full, and to notice a
+Built on the stack Gradio already brings: FastAPI (its SSE encoder; pydantic validates requests)
+and uvicorn. One model instance answers one request at a time on a worker thread, so the event
+loop stays free to take requests, to answer 429 when the bounded queue is full, and to notice a
 client that went away (its generation then stops at the next token).
+
+Bad input costs little and is answered, never a 500: the API key and the declared size are
+checked before anything is read, the queue's 429 is decided from the headers before the body is
+read, bodies are parsed one at a time (``parse_request``: any bytes give a parse or a 4xx), and
+the bodies admitted are bounded in bytes (``--max-queued-mb``). A stop signal answers the waiting
+requests 503 at once and gives the running one the grace period to finish.
 """
 
 from __future__ import annotations
@@ -56,7 +62,13 @@ BODY_TIMEOUT_S = 60.0  # a client slower than this to send its body gets 408 and
 
 
 # ServeConfig fields whose ftz-serve option is not simply --the-field-name.
-CLI_OPTION = {"max_request_bytes": "--max-request-mb", "max_queued_bytes": "--max-queued-mb", "providers": "--provider", "warmup": "--no-warmup"}
+CLI_OPTION = {"max_request_bytes": "--max-request-mb", "max_queued_bytes": "--max-queued-mb", "providers": "--provider",
+              "warmup": "--no-warmup"}
+
+
+def option(name: str) -> str:
+    """A ServeConfig field as errors name it: ``default_temperature (--default-temperature)``."""
+    return f"{name} ({CLI_OPTION.get(name, '--' + name.replace('_', '-'))})"
 
 
 @dataclass
@@ -90,9 +102,10 @@ class ServeConfig:
     def validate(self) -> None:
         """Check every option before the server starts (a server that would refuse every request
         never starts); raises ValueError naming the option, as ``ftz-serve`` spells it."""
-        def option(name: str) -> str:
-            return f"{name} ({CLI_OPTION.get(name, '--' + name.replace('_', '-'))})"
+        self._validate_numbers()
+        self._validate_text_and_places()
 
+    def _validate_numbers(self) -> None:
         for name in ("max_request_bytes", "max_image_pixels", "max_images", "max_tokens_limit", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{option(name)} must be >= 1, got {getattr(self, name)}")
@@ -111,6 +124,8 @@ class ServeConfig:
             raise ValueError(f"{option('default_temperature')} must be in [0, 2], got {self.default_temperature}")
         if not (math.isfinite(self.image_cache_mb) and self.image_cache_mb >= 0):
             raise ValueError(f"{option('image_cache_mb')} must be >= 0 (0 turns the cache off), got {self.image_cache_mb}")
+
+    def _validate_text_and_places(self) -> None:
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
                                              and self.api_key and " " not in self.api_key):
             raise ValueError(f"{option('api_key')} must be printable ASCII without spaces (it travels in an HTTP header)")

@@ -13,6 +13,12 @@ import subprocess
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach for the hub
+
+# tests/device/ runs only inside the Python 3.10 device environment: tests/test_py310.py builds it
+# and runs that folder there (with --confcutdir, so this file is not loaded there). Here it is not
+# collected at all: it neither runs twice nor shows up as a skip. (A conftest.py of its own would
+# shadow this one for `from conftest import ...`.)
+collect_ignore = ["device"]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The only skips CI accepts: each needs hardware or software no CPU-only CI machine has.

@@ -606,6 +606,22 @@ def test_a_full_queue_answers_429_before_reading_the_body(slow_server):
         assert [future.result().status_code for future in held] == [200, 200]
 
 
+def test_a_body_that_never_arrives_gets_408_and_its_place_back(slow_server, monkeypatch):
+    """A client that declares a body and stalls holds a queue place only until the body timeout."""
+    import socket
+
+    from ftz_edge.runtime import server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 0.5)
+    with socket.create_connection(("127.0.0.1", slow_server["port"]), timeout=10) as connection:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    health = slow_server["health"]()
+    assert health["in_flight"] == 0 and health["queued_bytes"] == 0
+
+
 def test_admitted_bodies_are_bounded_in_bytes(default_bundle, shared_runtime):
     """Large bodies fill --max-queued-mb before the queue is full: the next large one gets 429,
     a small one still gets in."""
