@@ -13,7 +13,7 @@ baseline a user without the bundle has. Its first token is timed by a streamer (
 nothing runs twice.
 
 The real-size row (``size="real"``, a paper-size bundle) records what its manifest says about
-the export (``provenance.export_seconds``, ``stage_seconds``, ``peak_rss_gb``; the last two only
+the export (``provenance.export_seconds``, ``stage_seconds``, ``peak_rss_gib``; the last two only
 in bundles exported since ftz-export records them) and the bundle's size (the manifest's file
 bytes). Its FLOP and bandwidth bounds are added by the parent (ftz_edge.bench.bounds).
 
@@ -58,7 +58,7 @@ def bundle_facts(runtime) -> dict:
     provenance = m.get("provenance") or {}
     return {"bundle_bytes": sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
             "export_seconds": provenance.get("export_seconds"), "export_stage_seconds": provenance.get("stage_seconds"),
-            "export_peak_rss_gb": provenance.get("peak_rss_gb"), "export_options": provenance.get("options"),
+            "export_peak_rss_gib": provenance.get("peak_rss_gib", provenance.get("peak_rss_gb")), "export_options": provenance.get("options"),
             "vision_precision": m["vision"]["precision"], "llm_precision": m["llm"]["precision"],
             "weight_bytes_per_token": artifacts.folder_bytes(runtime.bundle / m["llm"]["folder"])}
 

@@ -263,9 +263,9 @@ def _export_line(info: dict) -> str:
     stages = info.get("export_stage_seconds")
     if stages:
         parts.append("stages: " + ", ".join(f"{name} {fmt(seconds)} s" for name, seconds in stages.items()))
-    if info.get("export_peak_rss_gb") is not None:
-        parts.append(f"export peak RSS {fmt(info['export_peak_rss_gb'])} GB")
-    if not stages or info.get("export_peak_rss_gb") is None:
+    if info.get("export_peak_rss_gib") is not None:
+        parts.append(f"export peak RSS {fmt(info['export_peak_rss_gib'])} GiB")
+    if not stages or info.get("export_peak_rss_gib") is None:
         parts.append("stage times and peak RSS not in its manifest (exported before ftz-export recorded them)")
     return "; ".join(parts)
 

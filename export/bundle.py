@@ -172,7 +172,7 @@ class _Stages:
         except _OWN_ERRORS as err:  # already written for the user: keep the whole message
             raise ExportError(f"{name}: {err}") from None
         except MemoryError:
-            raise ExportError(f"{name}: out of memory ({_peak_rss_gb():.1f} GB peak RSS); close other programs "
+            raise ExportError(f"{name}: out of memory ({_peak_rss_gib():.1f} GiB peak RSS); close other programs "
                               "or export on a machine with more RAM") from None
         except OSError as err:
             raise ExportError(f"{name}: {err.strerror or err} ({err.filename or 'no file'}); check disk space and "
@@ -184,8 +184,8 @@ class _Stages:
             raise ExportError(f"{name} failed: {type(err).__name__}: {first_line} "
                               "(nothing was written; FTZ_DEBUG=1 shows the traceback)") from None
         self.seconds[name] = round(time.perf_counter() - started, 1)
-        logger.info("[%d/%d] %s done in %.0f s (peak RSS %.1f GB)", number, len(self.names), name,
-                    self.seconds[name], _peak_rss_gb())
+        logger.info("[%d/%d] %s done in %.0f s (peak RSS %.1f GiB)", number, len(self.names), name,
+                    self.seconds[name], _peak_rss_gib())
 
 
 def _own_errors() -> tuple[type, ...]:
@@ -198,7 +198,7 @@ def _own_errors() -> tuple[type, ...]:
 _OWN_ERRORS = _own_errors()
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gib() -> float:
     try:
         import resource
     except ImportError:  # pragma: no cover - not on Windows
@@ -340,7 +340,7 @@ def export_bundle(options: ExportOptions) -> Path:
             "provenance": {"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
                            "tools": _tool_versions(), "options": dataclasses.asdict(options),
                            "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),
-                           "stage_seconds": stage.seconds, "peak_rss_gb": round(_peak_rss_gb(), 2),
+                           "stage_seconds": stage.seconds, "peak_rss_gib": round(_peak_rss_gib(), 2),
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "validation": {"file": "reports/validation.json", "passed": report.passed},
         })

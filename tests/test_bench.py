@@ -386,7 +386,7 @@ def test_real_e2e_on_the_tiny_default_bundle(default_bundle, tmp_path):
     assert info["export_seconds"] == manifest["provenance"]["export_seconds"]
     # None in bundles exported before ftz-export recorded them.
     assert info["export_stage_seconds"] == manifest["provenance"].get("stage_seconds")
-    assert info["export_peak_rss_gb"] == manifest["provenance"].get("peak_rss_gb")
+    assert info["export_peak_rss_gib"] == manifest["provenance"].get("peak_rss_gib")
     assert info["new_tokens"] == 3 and info["question_tokens"] > 20  # EOS ignored: every run decodes the same count
     assert Path(info["checkpoint"]).resolve() == DEFAULT_MODEL.resolve()
     assert runtime["memory"]["peak_rss_mb"] > 0
@@ -448,7 +448,7 @@ def _real_e2e_rows(command="ftz-bench --suite e2e --size real"):
          "part_preprocess_ms": Measurement([10.0])}, info={**common, "weight_bytes_per_token": weight, **extra},
         memory={"peak_rss_mb": 3000.0})
     return [row("ftz_edge runtime", "fp16/int4", [2000, 2100, 1900], [40, 42, 38], 0.32e9, bundle="/b/b-fp16",
-                bundle_bytes=1.8e9, export_seconds=978.5, export_stage_seconds=None, export_peak_rss_gb=None,
+                bundle_bytes=1.8e9, export_seconds=978.5, export_stage_seconds=None, export_peak_rss_gib=None,
                 vision_precision="fp16", llm_precision="int4"),
             row("PyTorch eager", "fp32", [5000, 5100, 4900], [8, 8, 8], 2.0e9),
             row("PyTorch eager", "bf16", [2500, 2600, 2400], [16, 16, 16], 1.0e9)]

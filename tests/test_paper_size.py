@@ -61,5 +61,5 @@ def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, t
     assert timings.prompt_tokens > 576 and timings.images == 1
     assert timings.new_tokens >= 1 or runtime.last_finish_reason == "stop"
     assert isinstance("".join(pieces), str)
-    print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest['provenance'].get('peak_rss_gb')} GB, "
+    print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest['provenance'].get('peak_rss_gib')} GiB, "
           f"bundle {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB; {timings.summary()}")
