@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -170,6 +171,16 @@ def check_loads(path: Path, precision: str, provider: str) -> str:
     return ort.__version__
 
 
+def _builder_version(metadata) -> Optional[str]:
+    """onnxruntime-genai's version under whichever distribution name provides the module."""
+    for name in ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def finish_decoder(out: Path, precision: str, provider: str) -> dict:
     """The builder's decoder in ``out`` made the one a bundle ships: the graph passes, then the
     load check. Returns what the manifest records about it (versions, minimum onnxruntime)."""
@@ -179,7 +190,7 @@ def finish_decoder(out: Path, precision: str, provider: str) -> dict:
     loaded_with = check_loads(Path(out) / "model.onnx", precision, provider)
     return {
         "builder": "onnxruntime_genai.models.builder (exclude_embeds=true)",
-        "builder_version": metadata.version("onnxruntime-genai"),
+        "builder_version": _builder_version(metadata),
         "onnxruntime_version": loaded_with,
         "min_onnxruntime": needed,
         "lm_head": "last position only",

@@ -657,6 +657,10 @@ def sensitivity_report(
 ) -> list[dict]:
     """Quantize one block at a time (everything else FP32) and compare ``image_embeds`` with FP32.
 
+    Each row's graph keeps its float parts FP32 (no ``qdq_to_fp16_high_precision``): a row
+    measures what INT8 rounding of that block alone costs; the FP16 rounding the shipped graph
+    adds on top shows in the export's validation row, not here.
+
     ``granularity="kinds"`` groups the blocks by kind (all anchor layers, all augmenter layers,
     the fusion modules, ...): a handful of rows instead of one per layer, for large towers.
 

@@ -30,7 +30,7 @@ import numpy as np
 
 # GPU, TensorRT and engine-record checks live in the runtime (the device side needs them without
 # this export package); re-exported here for the builder and its callers.
-from ftz_edge.runtime.device import MIN_TENSORRT_MAJOR, cuda_device, engine_compatible  # noqa: F401
+from ftz_edge.runtime.device import MIN_TENSORRT_MAJOR, cuda_device, cudart, engine_compatible  # noqa: F401
 from ftz_edge.runtime.device import import_tensorrt as _import_tensorrt
 
 PRECISIONS = ("fp16", "int8", "fp32")
@@ -62,6 +62,10 @@ def pick_engine(requested: str) -> tuple[str, str]:
         missing = f"the TensorRT Python bindings are not importable ({why})"
     elif (device := cuda_device()) is None:
         missing = "no NVIDIA GPU found (cuda-python saw none and nvidia-smi found none or is not on PATH)"
+    elif cudart() is None:
+        # The engine is checked against onnxruntime right after the build, and the runtime runs
+        # it, both through cuda-python: without it an engine could be built but never used.
+        missing = "cuda-python is not installed (pip install cuda-python; the engine is run through it)"
     else:
         return "trt", f"TensorRT {trt.__version__} on {device['name']} (sm {device['compute_capability']})"
     if requested == "auto":

@@ -29,7 +29,7 @@ _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
 _DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 
 
-class OnnxRuntimeTooOld(RuntimeError):
+class OnnxRuntimeTooOld(ValueError):  # a ValueError: every front end prints those as one line
     """The installed onnxruntime is older than the one the decoder graph needs."""
 
 

@@ -102,8 +102,16 @@ def test_pick_engine_without_tensorrt(monkeypatch):
 def test_pick_engine_with_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.3.0"))
     monkeypatch.setattr(T, "cuda_device", lambda: dict(GPU))
+    monkeypatch.setattr(T, "cudart", lambda: types.ModuleType("cudart"))
     assert T.pick_engine("auto") == ("trt", "TensorRT 10.3.0 on Orin (nvgpu) (sm 8.7)")
     assert T.pick_engine("trt")[0] == "trt"
+    # A GPU seen through nvidia-smi alone: an engine could be built, but never checked or run.
+    monkeypatch.setattr(T, "cudart", lambda: None)
+    engine, reason = T.pick_engine("auto")
+    assert engine == "onnx" and reason.startswith("cuda-python is not installed")
+    with pytest.raises(T.TensorRTUnavailable, match="cuda-python is not installed"):
+        T.pick_engine("trt")
+    monkeypatch.setattr(T, "cudart", lambda: types.ModuleType("cudart"))
     monkeypatch.setattr(T, "cuda_device", lambda: None)
     engine, reason = T.pick_engine("auto")
     assert engine == "onnx" and reason.startswith("no NVIDIA GPU found")
@@ -604,3 +612,40 @@ def test_real_tensorrt_builds_a_tiny_engine(tmp_path):
         vision.close()
     row = T.check_engine(spec.engine_path, spec.onnx_path, {"x": x}, "fp32", target=0.9999)
     assert row["ok"] and row["batch"] == 6
+
+
+# -- ftz-export --engine trt, end to end on the fakes -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_ftz_export_builds_checks_and_records_an_engine(tmp_path, monkeypatch, capsys):
+    """The whole command with --engine trt: engine built from the bundle's ONNX, run against
+    onnxruntime fp32 on the validation images, its row in validation.json, the engine and its
+    build record in the manifest; a wrong engine is a warning, and an error under --strict."""
+    from ftz_edge.export import bundle as B
+    from ftz_edge.manifest import read_manifest
+
+    trt, cuda = install(monkeypatch, gpu=dict(GPU))
+    monkeypatch.setattr(T, "cuda_device", lambda: dict(GPU))
+    out = tmp_path / "bundle"
+    args = ["--engine", "trt", "--precision", "fp16", "--llm-precision", "fp32", "--validation-images", "2",
+            "--batch-max", "2"]
+    assert B.main(["--out", str(out), *args]) == 0, capsys.readouterr().err
+    manifest = read_manifest(out)
+    assert manifest["vision"]["engine"] == "trt"
+    assert manifest["vision"]["tensorrt"]["file"] == "vision/vision.engine" and (out / "vision" / "vision.engine").is_file()
+    rows = [r for r in json.loads((out / "reports" / "validation.json").read_text())["vision"]
+            if "TensorRT engine" in r["evaluated"]]
+    assert len(rows) == 1 and rows[0]["ok"] is True and rows[0]["cosine"] > 0.999
+    assert cuda.live == []  # the check released its device memory
+
+    trt.output_scale = -1.0  # an engine that computes something else (TensorRT 10.3's wrong FP16 ViTs)
+    wrong = tmp_path / "wrong"
+    assert B.main(["--out", str(wrong), *args]) == 0
+    assert "TensorRT engine: cosine" in capsys.readouterr().err
+    assert json.loads((wrong / "reports" / "validation.json").read_text())["passed"] is False
+    strict = tmp_path / "strict"
+    assert B.main(["--out", str(strict), *args, "--strict"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ftz-export: error: validation targets missed (--strict)") and "TensorRT engine" in last
+    assert not strict.exists()

@@ -3,7 +3,7 @@
 ``tests/test_py310.py`` builds that environment (``.cache/py310``), exports the bundles and runs
 this module there with them in ``FTZ_DEVICE_BUNDLES``; it then compares the answers written to
 ``FTZ_DEVICE_RESULTS`` with the development machine's. Outside that environment it is not
-collected (``tests/device/conftest.py``). Nothing here may import torch or transformers (the
+collected (``collect_ignore`` in ``tests/conftest.py``). Nothing here may import torch or transformers (the
 device has neither), nor lean on ``tests/conftest.py`` (the child pytest stops at this folder).
 """
 
