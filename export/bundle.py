@@ -4,6 +4,7 @@ Bundle layout (everything the runtime needs, nothing else)::
 
     manifest.json              ftz_edge.manifest: files + sha256, models, preprocessing, prompt, provenance
     vision/vision.onnx         tower + projector(s), fp32 / fp16 / int8 (Q/DQ)
+    vision/vision.cpu-int8.onnx  int8 only: the CPU form (dynamic int8, float parts FP32; --no-cpu-int8 skips it)
     vision/vision.engine(.json)  TensorRT engine + build record (--engine trt)
     llm/model.onnx(.data), genai_config.json, embed_tokens.npy, tokenizer.json
     reports/validation.json    parity against PyTorch (and validation.md)
@@ -65,6 +66,9 @@ class ExportOptions:
     # The FtZ fusion modules stay in FP16 by default: on the shipped model they were the blocks
     # INT8 hurt most (reports/int8_sensitivity.md), and they are a small share of the FLOPs.
     int8_quantize_fusion: bool = False
+    # --precision int8 also writes the CPU form of the tower (ONNX Runtime dynamic INT8, float
+    # parts FP32): the Q/DQ graph is TensorRT's form and the slowest INT8 form on a CPU.
+    cpu_int8: bool = True
     batch_min: int = 1
     batch_opt: int = 1
     batch_max: int = 8
@@ -207,6 +211,33 @@ def _peak_rss_gib() -> float:
     return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / (1 << 20)
 
 
+CPU_INT8_STAGE = "INT8 CPU form (dynamic quantization)"
+CPU_INT8_FILE = "vision.cpu-int8.onnx"
+CPU_INT8_EVALUATED = "onnxruntime CPU int8 (cpu form)"
+
+
+def _validate_cpu_int8(path: Path, torch_vision, pixels: dict[str, np.ndarray], report, target: float) -> None:
+    """Rows for the CPU form at batch 1 and the full batch against PyTorch fp32, run as the
+    runtime runs it (ORT CPU provider, its optimizer on: the integer kernels)."""
+    import torch
+
+    from ftz_edge.export.quantize import compare, cpu_session
+
+    with torch.no_grad():
+        reference = torch_vision.float()(*[torch.from_numpy(v) for v in pixels.values()]).numpy()
+    session = cpu_session(path, optimize=True)
+    batch = next(iter(pixels.values())).shape[0]
+    for size in sorted({1, batch}):
+        exported = session.run(None, {name: value[:size] for name, value in pixels.items()})[0]
+        result = compare(exported, reference[:size])
+        row = {"precision": "int8", "evaluated": CPU_INT8_EVALUATED, "batch": size, "cosine": result["cosine"],
+               "max_abs": result["max_abs"], "target": target, "ok": result["cosine"] >= target}
+        report.vision.append(row)
+        if not row["ok"]:
+            report.warnings.append(f"vision int8 cpu form batch {size}: cosine {result['cosine']:.6f} is below the "
+                                   f"target {target} (max abs error {result['max_abs']:.3e})")
+
+
 def export_bundle(options: ExportOptions) -> Path:
     # Heavy imports here, so `ftz-export --help` is quick.
     import onnx
@@ -240,7 +271,8 @@ def export_bundle(options: ExportOptions) -> Path:
 
     stage = _Stages(["tower export (fp32 ONNX)", {"fp32": "tower copy", "fp16": "FP16 conversion",
                                                   "int8": "INT8 calibration and quantization"}[options.precision],
-                     *(["INT8 sensitivity report"] if options.precision == "int8" else []), "tower validation",
+                     *(["INT8 sensitivity report"] if options.precision == "int8" else []),
+                     *([CPU_INT8_STAGE] if options.precision == "int8" and options.cpu_int8 else []), "tower validation",
                      *(["TensorRT engine build and check"] if engine == "trt" else []),
                      f"LLM build ({options.llm_precision}, {llm_provider})", "LLM validation"])
     with atomic_folder(out, check_replaceable, "an ftz bundle") as bundle, work_folder("ftz-export-") as work:
@@ -252,6 +284,8 @@ def export_bundle(options: ExportOptions) -> Path:
             present = layers_in_graph(onnx.load(str(fp32_path), load_external_data=False))
         vision_path = bundle / "vision" / "vision.onnx"
         precision_info: dict = {}
+        cpu_path: Optional[Path] = None
+        cpu_info: Optional[dict] = None
         if options.precision == "fp32":
             with stage("tower copy"):
                 onnx_io.copy(fp32_path, vision_path)  # with its weights file, when it has one
@@ -276,9 +310,15 @@ def export_bundle(options: ExportOptions) -> Path:
                                                        policy=policy, granularity=granularity)
                     (bundle / "reports" / "int8_sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
                     (bundle / "reports" / "int8_sensitivity.md").write_text(quantize.format_sensitivity(rows) + "\n")
+            if options.cpu_int8:
+                with stage(CPU_INT8_STAGE):
+                    cpu_path = bundle / "vision" / CPU_INT8_FILE
+                    cpu_info = quantize.quantize_int8_cpu(fp32_path, cpu_path, policy=policy)
         with stage("tower validation"):
             checked = {name: value[:options.validation_images] for name, value in pixels.items()}
             validate_vision(vision_path, model.vision, checked, options.precision, report)
+            if cpu_path is not None:
+                _validate_cpu_int8(cpu_path, model.vision, checked, report, VISION_TARGETS["int8"])
 
         engine_entry = None
         if engine == "trt":
@@ -330,6 +370,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "fusion_layers": model.vision.fusion_layers,
                 "layers_in_graph": {k: sorted(v) for k, v in present.items()},
                 "precision_details": precision_info, "tensorrt": engine_entry,
+                **({"cpu_file": f"vision/{CPU_INT8_FILE}", "cpu_precision_details": cpu_info} if cpu_path else {}),
             },
             "llm": {**llm_info, "folder": "llm", **_io_spec(bundle / "llm" / "model.onnx")},
             "preprocess": {"anchor": model.anchor_spec.to_dict(),
@@ -368,6 +409,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-sensitivity", action="store_true", help="same as --sensitivity off")
     parser.add_argument("--int8-quantize-fusion", action="store_true",
                         help="quantize the FtZ fusion modules too (default: they stay in FP16)")
+    parser.add_argument("--no-cpu-int8", action="store_true",
+                        help="with --precision int8, skip the CPU form of the tower (vision/vision.cpu-int8.onnx: "
+                             "ONNX Runtime dynamic INT8, what a CPU-only runtime loads)")
     parser.add_argument("--batch-min", type=int, default=defaults.batch_min)
     parser.add_argument("--batch-opt", type=int, default=defaults.batch_opt)
     parser.add_argument("--batch-max", type=int, default=defaults.batch_max)
@@ -384,7 +428,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             llm_precision=args.llm_precision, llm_provider=args.llm_provider, calib_images=args.calib_images,
             calib_method=args.calib_method, max_calib_images=args.max_calib_images,
             validation_images=args.validation_images, sensitivity="off" if args.no_sensitivity else args.sensitivity,
-            int8_quantize_fusion=args.int8_quantize_fusion,
+            int8_quantize_fusion=args.int8_quantize_fusion, cpu_int8=not args.no_cpu_int8,
             batch_min=args.batch_min, batch_opt=args.batch_opt, batch_max=args.batch_max, workspace_gb=args.workspace_gb,
             timing_cache=args.timing_cache, strict=args.strict,
         )

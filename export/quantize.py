@@ -716,3 +716,89 @@ def format_sensitivity(rows: list[dict]) -> str:
         lines.append(f"| {r['block']} | {r['kind']} | {r['nodes']} | {r['cosine']:.6f} | {r['max_abs']:.3g} | "
                      f"{'yes' if r['in_policy'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+# -- INT8 for ONNX Runtime's CPU provider -------------------------------------------------------
+
+# Op types the CPU form quantizes: ORT's dynamic quantizer turns each MatMul with a constant
+# weight into DynamicQuantizeLinear (u8 activations, scale and zero point computed per tensor at
+# run time) + MatMulInteger (s8 weights) + the float rescale. Gemm has no dynamic integer kernel
+# (the dynamo exporter writes Linear as MatMul + Add anyway); Conv is the patch embedding only,
+# which the policy keeps float.
+CPU_INT8_OP_TYPES: tuple[str, ...] = ("MatMul",)
+CPU_INT8_INTEGER_OPS: tuple[str, ...] = ("MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QLinearMatMul",
+                                         "QLinearConv", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+
+
+def quantize_int8_cpu(
+    src: Path,
+    dst: Path,
+    policy: MixedPrecisionPolicy = MixedPrecisionPolicy(),
+    per_channel: bool = False,
+    reduce_range: bool = False,
+) -> dict:
+    """The CPU form of INT8: ``onnxruntime.quantization.quantize_dynamic`` of the fp32 graph
+    ``src`` at ``dst`` (+ ``<name>.data`` when ``src`` is over protobuf's 2 GB).
+
+    The TensorRT form (:func:`quantize_int8`: symmetric int8 Q/DQ, float parts FP16) is the
+    slowest INT8 form on ONNX Runtime's CPU provider (few FP16 kernels there). This one is what
+    that provider runs fast: MatMul weights int8 (symmetric; one scale per tensor, or per output
+    column with ``per_channel``), activations uint8 quantized at run time (no calibration: the
+    range of each activation is measured on the input itself), everything else FP32. The same
+    :class:`MixedPrecisionPolicy` keeps nodes float (patch embeddings, projector, attention core,
+    fusion), by the same node names; ORT's dynamic mode would leave the attention core's
+    activation x activation MatMuls float anyway (``MatMulConstBOnly``).
+
+    ``reduce_range``: 7-bit weights, for x86 CPUs without VNNI, where the u8 x s8 kernels can
+    saturate (ORT's advice); off by default (VNNI / AVX-512 / ARM dot-product CPUs do not
+    saturate), and the export's validation row measures the result either way.
+
+    Large graphs: ORT loads ``src`` from its path (file-to-file shape inference beside it) and
+    writes ``dst`` with its weights in a side file; no large ModelProto is serialised in memory.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    large = onnx_io.is_large(onnx_io.total_bytes(src))
+    graph = _load(src)
+    anatomy = _anatomy(graph)
+    exclude = excluded_nodes(graph, policy)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    side = onnx_io.data_file(dst)
+    if side.exists():  # ONNX appends to an existing data file: never reuse a stale one
+        side.unlink()
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=list(CPU_INT8_OP_TYPES), per_channel=per_channel,
+        reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        use_external_data_format=large, extra_options={"MatMulConstBOnly": True},
+    )
+    out = onnx.load(str(dst), load_external_data=False)
+    remaining = {node.name for node in out.graph.node}
+    excluded = set(exclude)
+    quantized = [n for n in anatomy.nodes if n not in remaining and n not in excluded]
+    not_quantized = [n for n in anatomy.nodes if n in remaining and n not in excluded]
+    ops = Counter(node.op_type for node in out.graph.node)
+    return {
+        "precision": "int8",
+        "format": "dynamic (QOperator: DynamicQuantizeLinear + MatMulInteger)",
+        "quantizer": "onnxruntime.quantization.quantize_dynamic",
+        "activations": "uint8, asymmetric, per tensor, quantized at run time",
+        "weights": f"int8, symmetric, {'per output channel' if per_channel else 'per tensor'}"
+                   f"{', 7-bit (reduce_range)' if reduce_range else ''}",
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "high_precision": "fp32",
+        "policy": asdict(policy),
+        "quantized_nodes": quantized,
+        "excluded_nodes": exclude,
+        "float_matmuls_left": not_quantized,  # activation x activation MatMuls (MatMulConstBOnly)
+        "integer_op_counts": {op: ops[op] for op in CPU_INT8_INTEGER_OPS if ops.get(op)},
+        "external_data": onnx_io.data_file(dst).exists(),
+        "bytes": onnx_io.total_bytes(dst),
+    }
+
+
+def is_cpu_int8(model: ModelLike) -> bool:
+    """Whether a graph is the CPU INT8 form (integer ops, no Q/DQ pairs)."""
+    ops = {node.op_type for node in _load(model).graph.node}
+    return bool(ops & set(CPU_INT8_INTEGER_OPS)) and "DequantizeLinear" not in ops

@@ -6,7 +6,8 @@ root and records:
 * ``schema_version``: this module's ``SCHEMA_VERSION``; readers refuse other versions;
 * ``files``: every other file of the bundle with its size and sha256 (tampering is refused);
 * ``vision``: the vision graph (file, engine, precision, inputs/outputs with dtypes and dynamic
-  axes, number of image tokens) and an optional TensorRT engine with its build record;
+  axes, number of image tokens), an optional TensorRT engine with its build record and, for an
+  INT8 bundle, an optional ``cpu_file``: the same tower quantized for ONNX Runtime's CPU provider;
 * ``llm``: the decoder (file, precision, execution provider it was built for, KV-cache layout),
   the token-embedding table, context length;
 * ``preprocess``: the ImageProcessorSpec of each encoder (ftz_edge.preprocess);
@@ -113,7 +114,8 @@ def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
 #   "?..." optional (absent or null), "*..." required but may be null.
 _SCHEMA: Dict[str, Dict[str, Any]] = {
     "vision": {"file": "path", "engine": ("onnx", "trt"), "precision": str, "num_image_tokens": "count",
-               "inputs": "io", "outputs": "io", "tensorrt": "?dict", "fusion_layers": "?list", "tower_kind": "?str"},
+               "inputs": "io", "outputs": "io", "tensorrt": "?dict", "fusion_layers": "?list", "tower_kind": "?str",
+               "cpu_file": "?path"},  # --precision int8: the CPU form (runtime picks it on a CPU-only provider list)
     "llm": {"folder": "path", "file": "llm_path", "embeddings": "llm_path", "genai_config": "?llm_path",
             "tokenizer": "?llm_path", "precision": str, "execution_provider": ("cpu", "cuda"),
             "context_length": "count", "vocab_size": "count", "hidden_size": "count", "num_layers": "count",

@@ -21,7 +21,7 @@ from ftz_edge.runtime import device
 from ftz_edge.runtime.decoder import OnnxDecoder
 from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
 from ftz_edge.runtime.image_cache import ImageEmbeddingCache, image_key
-from ftz_edge.runtime.vision import OrtVision, TensorRTVision, provider_plan
+from ftz_edge.runtime.vision import OrtVision, TensorRTVision, provider_plan, vision_file
 
 
 class ContextLengthError(ValueError):
@@ -139,14 +139,17 @@ class FtZRuntime:
                     raise
                 print(f"ftz-edge: warning: TensorRT engine not used ({err}); running the vision ONNX on onnxruntime",
                       file=sys.stderr)
-        return OrtVision(self.bundle / vision["file"], providers)
+        # An INT8 bundle's CPU form on a CPU-only provider list, its Q/DQ graph otherwise.
+        self.vision_file = vision_file(vision, providers)
+        return OrtVision(self.bundle / self.vision_file, providers)
 
     def _check_image_tokens(self, vision: dict) -> None:
         """The manifest's image-token count sizes the context and the splice: it must be what the
         vision graph emits wherever the graph states a static count."""
         emitted = getattr(self.vision, "num_tokens", None)
         if emitted is not None and emitted != self.num_image_tokens:
-            source = (vision.get("tensorrt") or {}).get("file") if self.vision.name == "tensorrt" else vision["file"]
+            source = ((vision.get("tensorrt") or {}).get("file") if self.vision.name == "tensorrt"
+                      else getattr(self, "vision_file", vision["file"]))
             raise BundleError(f"bundle {self.bundle}: the manifest says {self.num_image_tokens} image tokens per image "
                               f"but {source} outputs {emitted}; the manifest does not describe this graph: re-export "
                               "the bundle")

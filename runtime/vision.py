@@ -77,6 +77,18 @@ def provider_plan(llm_built_for: str, requested: Optional[Sequence[str]] = None,
     return ProviderPlan(vision, decoder)
 
 
+def vision_file(vision: dict, providers: Sequence[str]) -> str:
+    """The vision ONNX graph (relative to the bundle) for the provider list ``providers`` (the
+    plan's ``vision``): an INT8 bundle has two forms of the same tower, the Q/DQ graph ``file``
+    (symmetric int8, float parts FP16: what TensorRT and the CUDA provider run) and, optionally,
+    ``cpu_file`` (dynamic int8, float parts FP32: what ONNX Runtime's CPU kernels run fast). A
+    CPU-only list gets ``cpu_file`` when the bundle has one; any GPU provider gets ``file``."""
+    cpu_file = vision.get("cpu_file")
+    if cpu_file and providers and all(p == CPU for p in providers):
+        return cpu_file
+    return vision["file"]
+
+
 def _static(dim) -> Optional[int]:
     """A graph dimension as an int, None when symbolic or unknown (ORT: a str or None; TensorRT: -1)."""
     return dim if isinstance(dim, int) and dim >= 0 else None
