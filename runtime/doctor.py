@@ -50,7 +50,7 @@ from ftz_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
 from ftz_edge.runtime import device  # GPU, Jetson, TensorRT: tensorrt and cuda-python imported only when asked
 from ftz_edge.runtime import memory_budget as mb
 from ftz_edge.runtime.memory_budget import fmt_bytes
-from ftz_edge.runtime.vision import CUDA, TENSORRT, provider_plan
+from ftz_edge.runtime.vision import CUDA, TENSORRT, provider_plan, vision_file
 
 MEMINFO = Path("/proc/meminfo")
 PACKAGES = ("ftz-edge", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "pillow", "jinja2", "onnx",
@@ -443,7 +443,8 @@ def check_bundle(bundle: Path, machine: dict, providers: dict) -> dict:
             out["vision_runs"].append({"provider": provider, "ok": None, "error": "skipped: the TensorRT provider would "
                                        "build an engine for the whole tower (minutes); the tiny model checked it"})
             continue
-        result = run_on_provider(bundle / vision["file"], provider, feeds, check)
+        # The graph the runtime loads for this plan (an INT8 bundle's CPU form on a CPU-only plan).
+        result = run_on_provider(bundle / vision_file(vision, plan.vision), provider, feeds, check)
         out["vision_runs"].append(result)
         if not result["ok"]:
             out["problems"].append(f"the bundle's vision graph fails on {provider}: {result['error']}")
