@@ -260,6 +260,7 @@ class FtZRuntime:
         choose, stops = TokenChooser(config), StopChecker(config.stop)
         history = [t for t in ids if t >= 0]
         generated: List[int] = []
+        detokenizer = _IncrementalDetokenizer(self.tokenizer)
         emitted = ""
         decode_start = None
         finish_reason = "length"
@@ -272,14 +273,15 @@ class FtZRuntime:
                 finish_reason = "stop"
                 break
             generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            text = detokenizer.push(token)  # == decode(generated), without re-decoding it all per token
             cut = stops.cut(text)
             if cut is not None:
                 text = text[:cut]
-            # Hold back a partial UTF-8 character and a possible start of a stop string.
-            ready = text if cut is not None else text[: len(text) - stops.holdback(text)]
-            if ready.endswith("\ufffd"):
-                ready = ready[:-1]
+            # Hold back a partial UTF-8 character, then a possible start of a stop string in what
+            # is left (looked for past the partial character, a stop string running on into it
+            # would be streamed before it is recognised).
+            settled = text[:-1] if text.endswith("\ufffd") else text
+            ready = settled if cut is not None else settled[: len(settled) - stops.holdback(settled)]
             if len(ready) > len(emitted) and ready.startswith(emitted):
                 yield ready[len(emitted):]
                 emitted = ready
@@ -309,6 +311,47 @@ class FtZRuntime:
     def answer(self, image, question: str, config: Optional[GenerationConfig] = None) -> str:
         """One image, one question: the whole answer (``last_timings`` has the timings)."""
         return "".join(self.stream([prompt.user_turn_with_image(question)], [image] if image is not None else [], config))
+
+
+class _IncrementalDetokenizer:
+    """The text of the answer so far, token by token, equal to ``tokenizer.decode(ids,
+    skip_special_tokens=True)`` of all of them, at a cost that does not grow with the answer.
+
+    Each token decodes only a short window: the tokens since the last-but-one point where the text
+    ended on a whole character (``context``, already known) plus the ones after it; the window's
+    text past the context is appended. The text is committed only when it does not end in
+    "\ufffd" (a UTF-8 character split across tokens); until then the pending part is returned on
+    top of the committed text, just as a full decode shows it. This is the algorithm of tokenizers'
+    ``decoders.DecodeStream``, written out because (a) its ``step`` returns None while a character
+    is pending, whereas ``stream`` needs the full text (with its "\ufffd") every step to keep its
+    stop-string and streaming behaviour exactly, and (b) in tokenizers 0.21.0 (the floor
+    pyproject.toml declares and the device venv pins) ``DecodeStream.step`` panics on such a
+    split character ("slice index starts at 18446744073709551615").
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.text = ""  # the text of ids[:read]
+        self.prefix = 0  # the window starts here ...
+        self.read = 0  # ... and ids[prefix:read], whose text is ``context``, only give it context
+        self.context = ""
+
+    def _decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        window = self._decode(self.ids[self.prefix:])
+        if not window.startswith(self.context):  # a decoder whose text is not prefix-stable: decode all
+            return self._decode(self.ids)
+        new = window[len(self.context):]
+        if new.endswith("\ufffd"):  # a character still incomplete: show it, commit nothing yet
+            return self.text + new
+        self.text += new
+        self.prefix, self.read = self.read, len(self.ids)
+        self.context = self._decode(self.ids[self.prefix:self.read])
+        return self.text
 
 
 class Conversation:
