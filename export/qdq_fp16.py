@@ -27,7 +27,7 @@ with its in-memory inference off, and ``onnx_io.save`` writes ``<name>.data`` ab
 from __future__ import annotations
 
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +39,9 @@ from ftz_edge.atomic import work_folder  # scratch folders that a killed export 
 from ftz_edge.export import onnx_io
 from ftz_edge.export.quantize import (
     DEFAULT_FP32_OPS,
+    _consumers,
     _fp16_converter,
+    _producers,
     cpu_session,
     load_with_inferred_shapes,
     quantized_nodes,
@@ -107,18 +109,6 @@ def _bump_opset(model: onnx.ModelProto, target: int = QDQ_FP16_OPSET) -> int:
             o.version = target
     model.ir_version = max(model.ir_version, 9)  # opset 19 came with IR version 9
     return before
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    table: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            table[name].append(node)
-    return table
 
 
 def _fold_bias_dequantize(model: onnx.ModelProto) -> int:

@@ -214,6 +214,10 @@ def _block_of(module: Optional[str], fallback: str) -> tuple[str, str]:
     return module, "other"
 
 
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     table: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
@@ -404,7 +408,7 @@ def _restore_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> int
     Returns how many inputs were rewired.
     """
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = _producers(graph)
     inits = {t.name for t in graph.initializer}
     rewired = 0
     for node in graph.node:
@@ -585,15 +589,16 @@ def quantize_int8(
         prepared, pre = _prepare(src, Path(work) / "prepared.onnx", large)
         exclude = excluded_nodes(prepared, policy)
         calib = _Calibration(prepared, samples, method, calibrator_options, Path(work), large)
-        qdq_fp32 = Path(work) / "qdq_fp32.onnx"
-        quantized = _quantize(prepared, qdq_fp32, method, exclude, per_channel, calib.cache, samples, large)
         # TensorRT builds a Q/DQ graph strongly typed: what is not quantized runs in the graph's own
-        # float type. Made FP16 here (LayerNorm kept FP32), as NVIDIA ModelOpt's INT8 PTQ does.
-        from ftz_edge.export.qdq_fp16 import qdq_to_fp16_high_precision  # lazy: it imports this module
+        # float type. Made FP16 here (LayerNorm kept FP32), as NVIDIA ModelOpt's INT8 PTQ does;
+        # without that step the FP32-float graph is written straight to ``dst``.
+        qdq_fp32 = Path(work) / "qdq_fp32.onnx" if fp16_high_precision else dst
+        quantized = _quantize(prepared, qdq_fp32, method, exclude, per_channel, calib.cache, samples, large)
+        high_precision = None
+        if fp16_high_precision:
+            from ftz_edge.export.qdq_fp16 import qdq_to_fp16_high_precision  # lazy: it imports this module
 
-        high_precision = qdq_to_fp16_high_precision(qdq_fp32, dst) if fp16_high_precision else None
-        if not fp16_high_precision:
-            onnx_io.copy(qdq_fp32, dst)
+            high_precision = qdq_to_fp16_high_precision(qdq_fp32, dst)
     return {
         "precision": "int8",
         "format": "QDQ",
