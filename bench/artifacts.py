@@ -211,7 +211,7 @@ def build_vision_onnx(size: str, augmenter: Optional[str], precision: str) -> li
 
 def _default_bundle_vision() -> Optional[Path]:
     """The default bundle's vision graph when that bundle exists and is fp32 (ftz-chat's)."""
-    from ftz_edge.runtime.chat_cli import default_bundle_path
+    from ftz_edge.cli.default_bundle import default_bundle_path
 
     manifest = default_bundle_path() / "manifest.json"
     if not manifest.is_file():
@@ -418,7 +418,7 @@ def default_bundle(path: Optional[str] = None) -> Path:
     """The bundle the e2e and startup suites run: ``path``, else the default model's (built once)."""
     if path:
         return Path(path)
-    from ftz_edge.runtime.chat_cli import ensure_default_bundle
+    from ftz_edge.cli.default_bundle import ensure_default_bundle
 
     return ensure_default_bundle()
 

@@ -83,7 +83,7 @@ def gpu_info() -> Optional[dict]:
 
 
 def library_versions() -> dict:
-    from ftz_edge.runtime.doctor import installed_versions
+    from ftz_edge.doctor.cli import installed_versions
 
     return installed_versions(LIBRARIES)
 

@@ -331,7 +331,7 @@ def _parse_auth(text: Optional[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ftz_edge.manifest import BundleError
-    from ftz_edge.runtime.chat_cli import ensure_default_bundle
+    from ftz_edge.cli.default_bundle import ensure_default_bundle
 
     parser = argparse.ArgumentParser(prog="ftz-demo", description="A local Gradio chat about images with an FtZ bundle.")
     parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")

@@ -107,8 +107,8 @@ def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
 
 
 # -- the schema ---------------------------------------------------------------------------------
-# What the readers index without a default: runtime/engine.py, runtime/doctor.py (bundle_spec,
-# check_bundle, _decoder_step), runtime/server.py (/v1/models), evaluation. Kinds:
+# What the readers index without a default: runtime/engine.py, doctor/cli.py (bundle_spec,
+# check_bundle, _decoder_step), serve/server.py (/v1/models), evaluation. Kinds:
 #   str, int (bool refused), list, dict, "path" (a relative path inside the bundle),
 #   "llm_path" (relative to llm.folder, inside the bundle), "io" (a list of {name, dtype, shape}),
 #   "?..." optional (absent or null), "*..." required but may be null.

@@ -119,6 +119,6 @@ def make_config(components, kind="ftz", **tower):
 def default_bundle(tmp_path_factory):
     """The shipped default model exported as ftz-chat does it (fp32 tower and LLM), once per session."""
     os.environ["FTZ_EDGE_CACHE"] = str(tmp_path_factory.mktemp("ftz-cache"))
-    from ftz_edge.runtime.chat_cli import ensure_default_bundle
+    from ftz_edge.cli.default_bundle import ensure_default_bundle
 
     return ensure_default_bundle()

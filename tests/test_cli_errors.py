@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ftz_edge.runtime import chat_cli, server
+from ftz_edge.demo import chat_cli
+from ftz_edge.serve import server
 
 EXAMPLE_IMAGE = Path(chat_cli.DEFAULT_MODEL) / "examples" / "008000.png"
 UNDECODABLE = os.fsdecode(b"x\xff")  # what Python makes of the byte 0xff in argv: a lone surrogate
@@ -99,7 +100,7 @@ def test_chat_errors_as_a_user_meets_them(default_bundle, tmp_path):
         (["--bundle", str(tmp_path / "nope"), "hi"], "does not exist"),
         (["--bundle", str(default_bundle), "--provider", "NoSuchExecutionProvider", "hi"], "not in this onnxruntime"),
     ):
-        result = run_process("ftz_edge.runtime.chat_cli", *args)
+        result = run_process("ftz_edge.demo.chat_cli", *args)
         assert result.returncode == 2, (args, result.stderr)
         one_error_line(result.stderr.decode("utf-8", "backslashreplace"), "ftz-chat", expect)
 
@@ -109,7 +110,7 @@ def test_chat_keeps_going_after_text_that_is_not_utf8_interactively(default_bund
     """Interactive: a line that is not UTF-8 is one error line, and the chat goes on. Python
     hands it over as lone surrogates (surrogateescape, a UTF-8 locale's default for stdin) or
     raises UnicodeDecodeError (strict); both are met."""
-    result = subprocess.run([sys.executable, "-m", "ftz_edge.runtime.chat_cli", "--bundle", str(default_bundle),
+    result = subprocess.run([sys.executable, "-m", "ftz_edge.demo.chat_cli", "--bundle", str(default_bundle),
                              "--image", str(EXAMPLE_IMAGE), "--max-new-tokens", "4"],
                             input=b"caf\xe9?\nWhat colour is it?\n", capture_output=True, timeout=120,
                             env={**os.environ, "PYTHONIOENCODING": f"utf-8:{stdin_errors}"})
@@ -131,6 +132,6 @@ def test_serve_errors_as_a_user_meets_them(default_bundle):
             (["--model-name", b"\xffmodel"], "not valid UTF-8"),
             (["--bundle", str(default_bundle), "--port", str(port), "--no-warmup"], "cannot listen on"),
         ):
-            result = run_process("ftz_edge.runtime.server", *args)
+            result = run_process("ftz_edge.serve.server", *args)
             assert result.returncode == 2, (args, result.stderr)
             one_error_line(result.stderr.decode("utf-8", "backslashreplace"), "ftz-serve", expect)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from fakes_tensorrt import add_engine, copy_bundle, install
-from ftz_edge.runtime import device, doctor
-from ftz_edge.runtime import memory_budget as mb
+from ftz_edge.doctor import cli as doctor
+from ftz_edge.runtime import device
+from ftz_edge.doctor import memory_budget as mb
 
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -59,7 +60,7 @@ def test_tiny_model_is_valid_onnx_and_runs_right():
 
 
 def test_doctor_imports_no_torch():
-    code = ("import sys, ftz_edge.runtime.doctor, ftz_edge.runtime.memory_budget; "
+    code = ("import sys, ftz_edge.doctor.cli, ftz_edge.doctor.memory_budget; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,4 +1,4 @@
-"""runtime/, demo/ and the shared torch-free modules must run on the device's software: Python 3.10
+"""runtime/, demo/, serve/, doctor/ and the shared torch-free modules must run on the device's software: Python 3.10
 (JetPack 6), onnxruntime 1.22 (the oldest onnxruntime-gpu wheel for JetPack 6), numpy 1.26, no torch.
 
 Three checks: vermin (no syntax or library call newer than 3.10), a static import-chain check (no
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_CODE = ["runtime", "demo", "ftz_edge/__init__.py", "ftz_edge/prompt.py", "ftz_edge/preprocess.py",
+DEVICE_CODE = ["runtime", "demo", "serve", "doctor", "ftz_edge/cli/args.py", "ftz_edge/cli/default_bundle.py", "ftz_edge/__init__.py", "ftz_edge/prompt.py", "ftz_edge/preprocess.py",
                "ftz_edge/manifest.py", "ftz_edge/atomic.py"]
 HEAVY = {"torch", "transformers", "torchvision", "accelerate", "deepspeed", "optimum"}
 

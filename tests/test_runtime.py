@@ -49,7 +49,7 @@ def test_runtime_never_imports_torch_or_transformers(default_bundle):
     code = f"""
 import sys
 from ftz_edge.runtime.engine import FtZRuntime
-from ftz_edge.runtime.chat_cli import main
+from ftz_edge.demo.chat_cli import main
 rt = FtZRuntime({str(default_bundle)!r})
 answer = rt.answer({str(DEFAULT / 'examples' / EXAMPLES[0]['image'])!r}, {EXAMPLES[0]['question']!r})
 assert main(["--bundle", {str(default_bundle)!r}, "--image", {str(DEFAULT / 'examples' / EXAMPLES[1]['image'])!r}, "Hi?"]) == 0

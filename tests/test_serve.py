@@ -86,7 +86,7 @@ def folders(tmp_path_factory):
 def server(default_bundle, folders):
     """``ftz-serve`` as a user starts it, in its own process, with small limits to test against."""
     port = free_port()
-    command = [sys.executable, "-m", "ftz_edge.runtime.server", "--bundle", str(default_bundle), "--port", str(port),
+    command = [sys.executable, "-m", "ftz_edge.serve.server", "--bundle", str(default_bundle), "--port", str(port),
                "--api-key", API_KEY, "--allow-local-files", str(folders["allowed"]), "--max-images", "3",
                "--max-image-pixels", "100000", "--max-request-mb", "1", "--queue-size", "4", "--image-cache-mb", "1",
                "--log-level", "warning"]
@@ -463,7 +463,7 @@ def start_server(bundle, runtime, grace_s=5.0, **config):
     """ftz-serve's app and server class (as ``main`` builds them) on a thread, over ``runtime``."""
     import uvicorn
 
-    from ftz_edge.runtime.server import FtZServer, ServeConfig, create_app
+    from ftz_edge.serve.server import FtZServer, ServeConfig, create_app
 
     port = free_port()
     app = create_app(ServeConfig(bundle=str(bundle), port=port, **config), runtime=runtime)
@@ -610,7 +610,7 @@ def test_a_body_that_never_arrives_gets_408_and_its_place_back(slow_server, monk
     """A client that declares a body and stalls holds a queue place only until the body timeout."""
     import socket
 
-    from ftz_edge.runtime import server as server_module
+    from ftz_edge.serve import server as server_module
 
     monkeypatch.setattr(server_module, "BODY_TIMEOUT_S", 0.5)
     with socket.create_connection(("127.0.0.1", slow_server["port"]), timeout=10) as connection:
@@ -685,7 +685,7 @@ class FailingRuntime(SlowRuntime):
 def test_a_backend_failure_is_a_500_and_the_server_carries_on(shared_runtime, default_bundle):
     from fastapi.testclient import TestClient
 
-    from ftz_edge.runtime.server import ServeConfig, create_app
+    from ftz_edge.serve.server import ServeConfig, create_app
 
     app = create_app(ServeConfig(bundle=str(default_bundle)), runtime=FailingRuntime(shared_runtime))
     with TestClient(app) as http:
@@ -706,7 +706,7 @@ def test_text_that_reaches_the_worker_unchecked_is_still_a_400(shared_runtime, d
     """The backstop behind the parser: the runtime's own refusal of text that is not UTF-8 is a
     400 naming the message (it was tokenizers' TypeError, a 500)."""
     from ftz_edge.runtime.generation import GenerationConfig
-    from ftz_edge.runtime.server import Generation, ModelService, ServeConfig
+    from ftz_edge.serve.server import Generation, ModelService, ServeConfig
 
     class Direct:  # delivers the worker's events at once (no event loop needed)
         def call_soon_threadsafe(self, callback, *args):
@@ -727,7 +727,7 @@ def test_warming_server_answers_503_then_ready(default_bundle, monkeypatch):
     """Before the model is loaded and warmed up, /health says warming and requests get 503."""
     from fastapi.testclient import TestClient
 
-    from ftz_edge.runtime.server import ModelService, ServeConfig, create_app
+    from ftz_edge.serve.server import ModelService, ServeConfig, create_app
 
     release = threading.Event()
     original = ModelService.load
@@ -752,7 +752,7 @@ def test_warming_server_answers_503_then_ready(default_bundle, monkeypatch):
 
 
 def test_cli_refuses_a_bad_bundle_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ftz_edge.runtime.server", "--bundle", str(tmp_path / "nope")],
+    result = subprocess.run([sys.executable, "-m", "ftz_edge.serve.server", "--bundle", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("ftz-serve: error:") and "does not exist" in result.stderr

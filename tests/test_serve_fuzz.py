@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ftz_edge.runtime.generation import GenerationConfig
-from ftz_edge.runtime.openai_api import APIError
-from ftz_edge.runtime.server import ParsedRequest, PendingImage, ServeConfig, parse_request
+from ftz_edge.serve.openai_api import APIError
+from ftz_edge.serve.server import ParsedRequest, PendingImage, ServeConfig, parse_request
 
 CONFIG = ServeConfig(max_images=2, max_tokens_limit=64, default_max_tokens=16, max_request_bytes=1 << 20)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

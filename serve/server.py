@@ -49,9 +49,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ftz_edge.prompt import UnencodableTextError, check_encodable
-from ftz_edge.runtime.chat_cli import OneLineParser, finite_float
+from ftz_edge.cli.args import OneLineParser, finite_float
 from ftz_edge.runtime.generation import GenerationConfig, GenerationConfigError
-from ftz_edge.runtime.openai_api import (APIError, ChatCompletionRequest, ImagePart, chunk, completion,
+from ftz_edge.serve.openai_api import (APIError, ChatCompletionRequest, ImagePart, chunk, completion,
                                          completion_id, error_body, models_list, read_request, usage_chunk,
                                          validation_message)
 
@@ -804,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config.validate()  # every option, before a minute of building the default bundle
         if config.bundle is None:
-            from ftz_edge.runtime.chat_cli import ensure_default_bundle
+            from ftz_edge.cli.default_bundle import ensure_default_bundle
 
             config.bundle = str(ensure_default_bundle())
         read_manifest(config.bundle, verify=False)  # a wrong path fails here, before the port opens

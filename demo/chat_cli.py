@@ -11,60 +11,17 @@ ftz-export, in a separate process: this one never imports torch) into the user c
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import ftz_edge
+from ftz_edge.cli.args import OneLineParser, finite_float
+from ftz_edge.cli.default_bundle import ensure_default_bundle
 from ftz_edge.manifest import BundleError
 
 DEFAULT_MODEL = ftz_edge.DEFAULT_MODEL
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr ("PROG: error: ..."), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a float that is a number (not nan, not inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def default_bundle_path() -> Path:
-    """Cache folder of the default model's bundle, keyed by the model's weights (a new default
-    model gets a new bundle)."""
-    digest = hashlib.sha256((DEFAULT_MODEL / "ftz_weights.safetensors").read_bytes()).hexdigest()[:12]
-    root = Path(os.environ.get("FTZ_EDGE_CACHE", Path.home() / ".cache" / "ftz-edge"))
-    return root / f"default-bundle-{digest}"
-
-
-def ensure_default_bundle() -> Path:
-    bundle = default_bundle_path()
-    if not (bundle / "manifest.json").is_file():
-        print(f"building the default model's bundle in {bundle} (once) ...", file=sys.stderr)
-        command = [sys.executable, "-m", "ftz_edge.export.bundle", "--checkpoint", str(DEFAULT_MODEL), "--out", str(bundle),
-                   "--engine", "onnx", "--precision", "fp32", "--llm-precision", "fp32"]
-        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise SystemExit(f"ftz-chat: error: building the default bundle failed (it needs the export extra: "
-                             f"pip install -e '.[export]'); or pass --bundle\n{tail}")
-    return bundle
 
 
 def main(argv: Optional[List[str]] = None) -> int:

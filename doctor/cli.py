@@ -19,7 +19,7 @@ It prints:
   installed, whether it really deserializes and runs (the runtime's own ``TensorRTVision``);
 * the providers the runtime gives the vision graph and the decoder, from the same function the
   runtime calls (``ftz_edge.runtime.vision.provider_plan``: never TensorRT for a decoder);
-* the bundle's memory budget (ftz_edge.runtime.memory_budget: weights, KV cache, activations,
+* the bundle's memory budget (ftz_edge.doctor.memory_budget: weights, KV cache, activations,
   overhead) against this machine and the Jetson Orin modules, with the ftz-export changes that
   would make it fit.
 
@@ -48,8 +48,8 @@ import numpy as np
 
 from ftz_edge.manifest import MANIFEST_NAME, BundleError, read_manifest
 from ftz_edge.runtime import device  # GPU, Jetson, TensorRT: tensorrt and cuda-python imported only when asked
-from ftz_edge.runtime import memory_budget as mb
-from ftz_edge.runtime.memory_budget import fmt_bytes
+from ftz_edge.doctor import memory_budget as mb
+from ftz_edge.doctor.memory_budget import fmt_bytes
 from ftz_edge.runtime.vision import CUDA, TENSORRT, provider_plan, vision_file
 
 MEMINFO = Path("/proc/meminfo")
