@@ -4,14 +4,21 @@ A config is saved as JSON next to every checkpoint (``ftz_config.json``), so a c
 folder describes itself. Component fields (``anchor``, ``augmenter``, ``llm``) hold a Hugging
 Face hub id or a folder path; relative paths are resolved against the checkpoint folder.
 
-Two presets:
+Three presets (every default below says where it comes from):
 
-* ``paper`` (default) follows the paper's text (arXiv 2509.00664, section 3.3): uniformly
-  spaced anchor layers mapped to the augmenter by relative depth, fusion output initialised
-  to zero so an untrained tower equals CLIP-only, LLaVA's penultimate-layer features.
+* ``paper`` (default) follows the paper's text (arXiv 2509.00664): uniformly spaced anchor
+  layers mapped to the augmenter by relative depth (sec. 3.3); the fusion modules randomly
+  initialised (sec. 4.1: "the randomly initialized parameters of our FtE modules"; the residual
+  is the gate, sec. 3.3); the projector fed "the final visual tokens" (sec. 3.4): the anchor's
+  last layer output, patch tokens.
+* ``llava`` is ``paper`` with LLaVA's conventions instead: the penultimate anchor layer
+  (LLaVA's ``mm_vision_select_layer -2``) and a zero-initialised MHCA output projection (our
+  choice: an untrained tower is then exactly CLIP-only; note that it also makes the first
+  steps' gradients of W_proj and the Q/K/V projections exactly zero).
 * ``authors`` reproduces the authors' public code (their TinyLLaVA Factory fork): anchor layers
   3, 6, 9, 12 (their layer count falls back to 12 for a CLIPModel) paired with augmenter layers
-  ``(L_aug // 4) * i``, default (non-zero) init, last-layer anchor features, 8 heads.
+  ``(L_aug // 4) * i``, nn.MultiheadAttention's own (random) init, last-layer anchor features,
+  8 heads.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from typing import Any, Optional
 
 TOWER_KINDS = ("ftz", "clip", "mof")
 SELECT_FEATURES = ("patch", "cls_patch")
-INIT_STYLES = ("zero", "default")
-PRESETS = ("paper", "authors")
+INIT_STYLES = ("random", "zero")
+# Checkpoints written before the init styles were named after what they do.
+LEGACY_INIT_STYLES = {"default": "random"}
+REGISTER_TOKENS = ("keep", "drop")
+PRESETS = ("paper", "llava", "authors")
 CONFIG_NAME = "ftz_config.json"
 
 
@@ -42,13 +52,21 @@ class TowerConfig:
     num_fusion_points: int = 4
     fusion_layers: Optional[list[list[int]]] = None
     fusion_heads: int = 8
-    fusion_init: str = "zero"  # "zero": out-projection zeroed; "default": nn.MultiheadAttention's init
-    # Feature selection as in LLaVA: hidden state of this anchor layer (negative counts from
-    # the end, -1 = last layer output before post-LayerNorm), patch tokens or CLS + patches.
-    select_layer: int = -2
+    # "random": nn.MultiheadAttention's own init (the paper, sec. 4.1, and the authors' code);
+    # "zero": the output projection zeroed, so an untrained tower is exactly the plain anchor.
+    fusion_init: str = "random"
+    # The features the projector reads: hidden state of this anchor layer (negative counts from
+    # the end, -1 = the last layer's output before the post-LayerNorm: the paper's "final visual
+    # tokens", sec. 3.4; LLaVA uses -2), patch tokens (the paper, the authors) or CLS + patches.
+    select_layer: int = -1
     select_feature: str = "patch"
-    # Interleaved-MoF uses the augmenter's hidden state of this layer.
+    # Interleaved-MoF uses the augmenter's hidden state of this layer (LLaVA's -2 convention,
+    # as the anchor's in LLaVA; the paper does not say which layer its MoF baseline reads).
     augmenter_select_layer: int = -2
+    # A DINOv2-with-registers augmenter (facebook/dinov2-*-with-registers) emits register tokens
+    # after its CLS token: "keep" lets the fusion attend to them (they are part of what the
+    # encoder outputs), "drop" removes them. Interleaved-MoF always interleaves patch tokens only.
+    augmenter_registers: str = "keep"
 
     def __post_init__(self) -> None:
         if self.kind not in TOWER_KINDS:
@@ -57,8 +75,11 @@ class TowerConfig:
             raise ValueError(f"tower kind {self.kind!r} needs an augmenter (a DINOv2 checkpoint)")
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {self.select_feature!r}")
+        self.fusion_init = LEGACY_INIT_STYLES.get(self.fusion_init, self.fusion_init)
         if self.fusion_init not in INIT_STYLES:
             raise ValueError(f"fusion_init must be one of {INIT_STYLES}, got {self.fusion_init!r}")
+        if self.augmenter_registers not in REGISTER_TOKENS:
+            raise ValueError(f"augmenter_registers must be one of {REGISTER_TOKENS}, got {self.augmenter_registers!r}")
         if self.num_fusion_points < 1:
             raise ValueError("num_fusion_points must be at least 1")
         if self.fusion_layers is not None:
@@ -137,5 +158,7 @@ def preset(name: str, **overrides: Any) -> FtZConfig:
     if name == "authors":
         # fusion_layers stays None here: the pairs depend on the augmenter's depth and are
         # resolved by ftz_edge.fusion.authors_fusion_layers when the tower is built.
-        tower_kw = {"fusion_init": "default", "select_layer": -1, "fusion_heads": 8, **tower_kw}
+        tower_kw = {"fusion_init": "random", "select_layer": -1, "fusion_heads": 8, **tower_kw}
+    elif name == "llava":
+        tower_kw = {"fusion_init": "zero", "select_layer": -2, **tower_kw}
     return FtZConfig(tower=TowerConfig(**tower_kw), preset=name, **model_kw)

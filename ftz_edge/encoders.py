@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+from transformers import (AutoConfig, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                          Dinov2WithRegistersModel)
 from transformers.utils import logging as hf_logging
 
 from ftz_edge.preprocess import ImageProcessorSpec, clip_spec, dinov2_spec
@@ -29,28 +30,61 @@ def resolve_component(name: str, base_dir: Optional[Path] = None) -> str:
     return name
 
 
-def _load(model_cls, name: str, base_dir: Optional[Path], dtype: Optional[torch.dtype]):
-    path = resolve_component(name, base_dir)
+# The checkpoint types each encoder is loaded from (config.json's model_type) and the class
+# that reads it completely; anything else is refused instead of being loaded half-right.
+ANCHOR_TYPES = {"clip_vision_model": CLIPVisionModel, "clip": CLIPVisionModel}
+AUGMENTER_TYPES = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+
+
+def _where(path: str) -> str:
+    return "local folder" if Path(path).is_dir() else "hub id (no local folder of that name)"
+
+
+def _model_class(path: str, types: dict, what: str):
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as err:
+        first = next(iter(types.values())).__name__
+        raise ComponentLoadError(f"cannot load {first} from {path!r} [{_where(path)}]: {err}") from None
+    if model_type not in types:
+        raise ComponentLoadError(f"{path!r} is a {model_type!r} checkpoint; the {what} must be one of "
+                                 f"{', '.join(sorted(types))}")
+    return types[model_type], model_type
+
+
+def _load(model_cls, path: str, dtype: Optional[torch.dtype], quiet: bool = False):
     verbosity = hf_logging.get_verbosity()
-    # A full CLIPModel checkpoint carries a text tower we do not load; transformers lists every
-    # skipped text weight, which is noise here, not a problem.
-    hf_logging.set_verbosity_error()
+    if quiet:
+        hf_logging.set_verbosity_error()
     try:
         return model_cls.from_pretrained(path, dtype=dtype) if dtype else model_cls.from_pretrained(path)
     except (OSError, ValueError) as err:
-        where = "local folder" if Path(path).is_dir() else "hub id (no local folder of that name)"
-        raise ComponentLoadError(f"cannot load {model_cls.__name__} from {path!r} [{where}]: {err}") from None
+        raise ComponentLoadError(f"cannot load {model_cls.__name__} from {path!r} [{_where(path)}]: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
 def load_anchor(name: str, base_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None) -> CLIPVisionModel:
     """CLIP vision tower from a CLIPVisionModel *or* a full CLIPModel checkpoint (vision part only)."""
-    return freeze(_load(CLIPVisionModel, name, base_dir, dtype))
+    path = resolve_component(name, base_dir)
+    model_cls, model_type = _model_class(path, ANCHOR_TYPES, "anchor (a CLIP vision checkpoint)")
+    # A full CLIPModel checkpoint carries a text tower we do not load on purpose; transformers
+    # lists every skipped text weight, which is noise there, not a problem. Only there.
+    return freeze(_load(model_cls, path, dtype, quiet=model_type == "clip"))
 
 
-def load_augmenter(name: str, base_dir: Optional[Path] = None, dtype: Optional[torch.dtype] = None) -> Dinov2Model:
-    return freeze(_load(Dinov2Model, name, base_dir, dtype))
+def load_augmenter(name: str, base_dir: Optional[Path] = None,
+                   dtype: Optional[torch.dtype] = None) -> Dinov2Model | Dinov2WithRegistersModel:
+    """DINOv2, with or without registers, each by its own class (a with-registers checkpoint
+    read as a plain Dinov2Model would silently lose its register tokens)."""
+    path = resolve_component(name, base_dir)
+    model_cls, _ = _model_class(path, AUGMENTER_TYPES, "augmenter (a DINOv2 checkpoint)")
+    return freeze(_load(model_cls, path, dtype))
+
+
+def num_register_tokens(augmenter: nn.Module) -> int:
+    """Register tokens a DINOv2 emits after its CLS token (0 for a plain DINOv2)."""
+    return int(getattr(augmenter.config, "num_register_tokens", 0) or 0)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -66,11 +66,15 @@ class CrossAttentionFusion(nn.Module):
     """W_proj + multi-head cross-attention, added residually to the anchor stream.
 
     Q comes from the anchor tokens, K and V from the augmenter tokens projected to the anchor
-    width, so the two encoders may have any token counts and grids. With ``init="zero"`` the
-    output projection starts at zero and an untrained tower is exactly the plain anchor.
+    width, so the two encoders may have any token counts and grids. ``init="random"`` is
+    nn.MultiheadAttention's own init (the paper's "randomly initialized" FtE modules, the authors'
+    code). With ``init="zero"`` the output projection starts at zero and an untrained tower is
+    exactly the plain anchor; the price is that the first backward pass gives W_proj and the
+    Q/K/V projections exactly zero gradient (everything behind a zero matrix), so they only start
+    to learn once the output projection has moved.
     """
 
-    def __init__(self, anchor_width: int, augmenter_width: int, num_heads: int, init: str = "zero"):
+    def __init__(self, anchor_width: int, augmenter_width: int, num_heads: int, init: str = "random"):
         super().__init__()
         if anchor_width % num_heads:
             raise ValueError(f"anchor width {anchor_width} is not divisible by {num_heads} fusion heads")
@@ -84,13 +88,13 @@ class CrossAttentionFusion(nn.Module):
         if init == "zero":
             nn.init.zeros_(self.out_proj.weight)
             nn.init.zeros_(self.out_proj.bias)
-        elif init != "default":
+        elif init != "random":
             raise ValueError(f"unknown fusion init {init!r}")
 
     @torch.no_grad()
     def _init_like_multihead_attention(self, width: int, num_heads: int) -> None:
         # The authors use nn.MultiheadAttention; take its freshly initialised parameters (packed
-        # Xavier in-projection, zero biases) so "default" init is theirs by construction.
+        # Xavier in-projection, zero biases) so "random" init is theirs by construction.
         reference = nn.MultiheadAttention(width, num_heads, batch_first=True)
         for proj, weight, bias in zip(
             (self.q_proj, self.k_proj, self.v_proj),

@@ -19,7 +19,7 @@ from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel, Dinov2Mo
 from ftz_edge.config import TowerConfig
 from ftz_edge.vision import FtZVision
 
-REFERENCE_CONFIGS = ("clip-vit-large-patch14-336", "dinov2-small", "dinov2-base", "dinov2-large", "qwen2.5-0.5b", "tinyllama-1.1b")
+REFERENCE_CONFIGS = ("clip-vit-large-patch14-336", "clip-vit-large-patch14", "dinov2-small", "dinov2-base", "dinov2-large", "qwen2.5-0.5b", "tinyllama-1.1b")
 
 
 def reference_config(name: str) -> PretrainedConfig:
@@ -34,9 +34,13 @@ def reference_config(name: str) -> PretrainedConfig:
 
 def build_reference_vision(tower: TowerConfig, augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b",
                            preset: str = "paper", device: str = "meta", dtype: Optional[torch.dtype] = None) -> FtZVision:
-    """FtZ tower of real size with random weights (``meta``: shapes only, no memory)."""
+    """FtZ tower of real size with random weights (``meta``: shapes only, no memory). The anchor
+    is the tower's own when it names a shipped reference config (``openai/clip-vit-large-patch14``
+    for the authors' MoF setting), else CLIP-L/336, the paper's."""
+    anchor = tower.anchor.rstrip("/").rsplit("/", 1)[-1]
+    anchor = anchor if anchor in REFERENCE_CONFIGS else "clip-vit-large-patch14-336"
     with torch.device(device):
-        anchor_model = CLIPVisionModel(reference_config("clip-vit-large-patch14-336"))
+        anchor_model = CLIPVisionModel(reference_config(anchor))
         augmenter_model = Dinov2Model(reference_config(augmenter)) if tower.uses_augmenter else None
         vision = FtZVision(tower, anchor_model, augmenter_model, reference_config(llm).hidden_size, preset=preset)
     return vision.to(dtype) if dtype else vision

@@ -51,6 +51,8 @@ class FtZVision(nn.Module):
         self.config = config
         self.anchor = encoders.freeze(anchor)
         self.augmenter = encoders.freeze(augmenter) if config.uses_augmenter else None
+        # DINOv2 with registers: tokens are [CLS, registers..., patches...].
+        self.augmenter_registers = encoders.num_register_tokens(augmenter) if self.augmenter is not None else 0
         anchor_cfg = anchor.config
         self.anchor_total_layers = anchor_cfg.num_hidden_layers
         self.anchor_depth = encoders.resolve_layer(config.select_layer, self.anchor_total_layers, "select_layer")
@@ -128,6 +130,9 @@ class FtZVision(nn.Module):
                 hidden = encoders.run_layer(layer, hidden)
                 if index in wanted:
                     states[index] = hidden
+        if self.augmenter_registers and self.config.kind == "ftz" and self.config.augmenter_registers == "drop":
+            skip = 1 + self.augmenter_registers
+            states = {index: torch.cat([state[:, :1], state[:, skip:]], dim=1) for index, state in states.items()}
         return states
 
     def anchor_features(self, anchor_pixels: torch.Tensor, augmenter_pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -160,7 +165,8 @@ class FtZVision(nn.Module):
         aug_hidden = self._augmenter_states(augmenter_pixels, {self.augmenter_depth})[self.augmenter_depth]
         anchor_grid = encoders.patch_grid(self.anchor.config, tuple(anchor_pixels.shape[-2:]))
         aug_grid = encoders.patch_grid(self.augmenter.config, tuple(augmenter_pixels.shape[-2:]))
-        aug_patches = _resample_grid(aug_hidden[:, 1:], aug_grid, anchor_grid)
+        # Patch tokens only: MoF interleaves by position, and registers have none.
+        aug_patches = _resample_grid(aug_hidden[:, 1 + self.augmenter_registers:], aug_grid, anchor_grid)
         anchor_tokens = self.projector(anchor_hidden[:, 1:])
         aug_tokens = self.augmenter_projector(aug_patches.to(anchor_hidden.dtype))
         batch, tokens, width = anchor_tokens.shape

@@ -123,7 +123,7 @@ def test_preset_config_round_trips_through_json(tmp_path):
     config = preset("authors", llm="some/llm", anchor="a", augmenter="b")
     config.save(tmp_path)
     assert FtZConfig.load(tmp_path) == config
-    assert config.tower.fusion_init == "default" and config.tower.select_layer == -1
+    assert config.tower.fusion_init == "random" and config.tower.select_layer == -1
 
 
 def test_an_existing_folder_that_is_not_a_checkpoint_is_never_replaced(tiny_components, tmp_path):

@@ -185,7 +185,9 @@ def test_recipes_parse_and_build_the_intended_models(name):
     kind = name.split("-")[0]
     assert model.tower.kind == ("ftz" if kind == "authors" else kind)
     assert model.preset == ("authors" if kind == "authors" else "paper")
-    assert model.tower.anchor == "openai/clip-vit-large-patch14-336"
+    # mof-authors: the Interleaved-MoF setting the FtZ authors compared against (CLIP-L/14 at 224).
+    authors_mof = name.startswith("mof-authors")
+    assert model.tower.anchor == ("openai/clip-vit-large-patch14" if authors_mof else "openai/clip-vit-large-patch14-336")
     assert model.llm in ("Qwen/Qwen2.5-0.5B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0")
     pretrain = recipe_stage_config(recipe, "pretrain", "/data")
     finetune = recipe_stage_config(recipe, "finetune", "/data")
@@ -193,9 +195,10 @@ def test_recipes_parse_and_build_the_intended_models(name):
     assert (finetune.global_batch_size, finetune.learning_rate) == (128, 2e-5)
     assert pretrain.data_path == "/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
     vision = build_reference_vision(model.tower, "dinov2-large", preset=model.preset)  # meta device
-    expected = {"ftz": [[6, 6], [12, 12], [17, 17], [23, 23]], "authors": [[3, 6], [6, 12], [9, 18], [12, 24]]}
+    # paper: the final layer feeds the projector, so 4 points spread over all 24 anchor layers.
+    expected = {"ftz": [[6, 6], [12, 12], [18, 18], [24, 24]], "authors": [[3, 6], [6, 12], [9, 18], [12, 24]]}
     assert vision.fusion_layers == expected.get(kind, [])
-    assert vision.num_image_tokens == (1152 if kind == "mof" else 576)
+    assert vision.num_image_tokens == {"mof": 512 if authors_mof else 1152}.get(kind, 576)
 
 
 def test_cli_reports_bad_recipe(capsys, tmp_path):

@@ -16,8 +16,9 @@ def pixels(batch=2):
 
 @pytest.fixture(scope="module")
 def models(tiny_components):
+    # The FtZ model zero-initialised (the llava preset's choice), so it starts equal to CLIP-only.
     return {
-        kind: FtZForCausalLM.from_config(make_config(tiny_components, kind))
+        kind: FtZForCausalLM.from_config(make_config(tiny_components, kind, **({"fusion_init": "zero"} if kind == "ftz" else {})))
         for kind in ("ftz", "clip", "mof")
     }
 
@@ -51,12 +52,14 @@ def test_zero_initialised_ftz_equals_clip_only(models):
 
 
 def test_anchor_features_equal_transformers_hidden_state(models):
-    """Driving the layers ourselves gives exactly CLIPVisionModel's hidden_states[select_layer]."""
+    """Driving the layers ourselves gives exactly CLIPVisionModel's hidden_states[select_layer]
+    (the paper's default: -1, the last layer's output before the post-LayerNorm)."""
     vision = models["clip"].vision
+    assert vision.config.select_layer == -1
     anchor, _ = pixels()
     with torch.no_grad():
         ours = vision.anchor_features(anchor)
-        reference = vision.anchor(anchor, output_hidden_states=True).hidden_states[-2]
+        reference = vision.anchor(anchor, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
@@ -74,7 +77,8 @@ def count_layer_calls(vision):
     ("ftz", dict(fusion_layers=[[1, 2]], select_layer=2), {"anchor": 2, "augmenter": 2}),
     ("ftz", dict(fusion_layers=[[1, 1], [2, 3]], select_layer=-1), {"anchor": 4, "augmenter": 3}),
     ("clip", dict(select_layer=-2), {"anchor": 3, "augmenter": 0}),
-    ("mof", dict(augmenter_select_layer=2), {"anchor": 3, "augmenter": 2}),
+    ("mof", dict(augmenter_select_layer=2), {"anchor": 4, "augmenter": 2}),
+    ("mof", dict(augmenter_select_layer=2, select_layer=-2), {"anchor": 3, "augmenter": 2}),
 ])
 def test_dead_layers_are_not_run(tiny_components, kind, tower, expected):
     vision = FtZForCausalLM.from_config(make_config(tiny_components, kind, **tower)).vision
@@ -123,13 +127,30 @@ def test_tower_config_errors():
         TowerConfig(kind="concat")
 
 
+@pytest.mark.parametrize("augmenter, pairs, augmenter_run", [
+    ("dinov2-small", [[6, 3], [12, 6], [18, 9], [24, 12]], 12),
+    ("dinov2-base", [[6, 3], [12, 6], [18, 9], [24, 12]], 12),
+    ("dinov2-large", [[6, 6], [12, 12], [18, 18], [24, 24]], 24),
+])
+def test_real_size_paper_towers(augmenter, pairs, augmenter_run):
+    """The paper's final-layer features: fusion points spread over all 24 anchor layers, every
+    layer of both encoders runs."""
+    vision = build_reference_vision(preset("paper").tower, augmenter)  # meta device: shapes only
+    assert vision.fusion_layers == pairs
+    cost = tower_cost(vision)
+    assert (cost.anchor_layers_run, cost.augmenter_layers_run) == (24, augmenter_run)
+    assert cost.saving == 0
+    assert vision.num_image_tokens == 576
+
+
 @pytest.mark.parametrize("augmenter, pairs, anchor_run, augmenter_run", [
     ("dinov2-small", [[6, 3], [12, 6], [17, 8], [23, 11]], 23, 11),
     ("dinov2-base", [[6, 3], [12, 6], [17, 8], [23, 11]], 23, 11),
     ("dinov2-large", [[6, 6], [12, 12], [17, 17], [23, 23]], 23, 23),
 ])
-def test_real_size_paper_towers(augmenter, pairs, anchor_run, augmenter_run):
-    vision = build_reference_vision(TowerConfig(), augmenter)  # meta device: shapes only
+def test_real_size_llava_towers(augmenter, pairs, anchor_run, augmenter_run):
+    """LLaVA's penultimate layer: the points stop at layer 23 and the dead layers are not run."""
+    vision = build_reference_vision(preset("llava").tower, augmenter)
     assert vision.fusion_layers == pairs
     cost = tower_cost(vision)
     assert (cost.anchor_layers_run, cost.augmenter_layers_run) == (anchor_run, augmenter_run)
@@ -152,7 +173,7 @@ def test_anchor_from_full_clip_checkpoint_is_its_vision_tower(tiny_components, m
     full = CLIPModel.from_pretrained(tiny_components["anchor"])
     anchor, _ = pixels()
     with torch.no_grad():
-        expected = full.vision_model(anchor, output_hidden_states=True).hidden_states[-2]
+        expected = full.vision_model(anchor, output_hidden_states=True).hidden_states[-1]
         torch.testing.assert_close(models["clip"].vision.anchor_features(anchor), expected, rtol=0, atol=0)
 
 

@@ -71,7 +71,8 @@ def model_config(paths: dict[str, str], kind: str) -> FtZConfig:
     # (scene labels, the character), so that is where their knowledge is; LLaVA's penultimate
     # patch tokens suit CLIP's contrastive pretraining, not this one.
     tower = TowerConfig(kind=kind, anchor=paths["anchor"], augmenter=None if kind == "clip" else paths["augmenter"],
-                        num_fusion_points=2, fusion_heads=4, select_layer=-1, select_feature="cls_patch")
+                        num_fusion_points=2, fusion_heads=4, fusion_init="zero", select_layer=-1,
+                        select_feature="cls_patch")  # zero init: as the shipped model was built
     return FtZConfig(tower=tower, llm=paths["llm"], max_length=256)
 
 

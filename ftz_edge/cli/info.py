@@ -81,15 +81,16 @@ def _default_model_report() -> None:
 
 
 def _real_size_report() -> None:
-    from ftz_edge.config import TowerConfig, preset
+    from ftz_edge.config import preset
     from ftz_edge.sizes import build_reference_vision, count_parameters, tower_cost
 
     print("\nReal-size towers, CLIP ViT-L/14-336 anchor (meta device; GFLOPs per image estimated from configs):")
     print(f"{'preset':8} {'augmenter':13} {'fusion layers (anchor, augmenter)':38} {'anchor run':>10} "
           f"{'augm. run':>9} {'fusion params':>13} {'GFLOPs':>7} {'unpruned':>8} {'saving':>6}")
-    rows = [("paper", "dinov2-small"), ("paper", "dinov2-base"), ("paper", "dinov2-large"), ("authors", "dinov2-large")]
+    rows = [("paper", "dinov2-small"), ("paper", "dinov2-base"), ("paper", "dinov2-large"), ("llava", "dinov2-large"),
+            ("authors", "dinov2-large")]
     for name, augmenter in rows:
-        tower = preset(name).tower if name == "authors" else TowerConfig()
+        tower = preset(name).tower
         vision = build_reference_vision(tower, augmenter, preset=name)
         cost = tower_cost(vision)
         print(f"{name:8} {augmenter:13} {str(vision.fusion_layers):38} "
