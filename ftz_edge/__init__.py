@@ -2,7 +2,7 @@
 
 This package root stays torch-free on purpose: the on-device runtime imports the shared
 preprocessing and prompt modules through it, and must never pull in torch or transformers.
-Import the model pieces from their modules (``ftz_edge.tower``, ``ftz_edge.mllm``, ...).
+Import the model pieces from their modules (``ftz_edge.vision`` for the tower, ``ftz_edge.mllm``, ...).
 """
 
 from pathlib import Path

@@ -7,10 +7,12 @@ embedding table, so image embeddings can be spliced in between them.
 
 The cache never goes through numpy: each step binds the previous step's ``present`` OrtValues
 as the next step's ``past`` inputs (IO binding), on whatever device the session runs on, so a
-GPU keeps the cache in device memory. Logits come to the host, one (vocab,) row per step,
-prefill included: ftz-export's graph runs the LM head on the last position only and returns
-``logits`` of shape (B, 1, vocab) (``export/llm.py``). A decoder that returns every position
-(the builder's raw graph, older bundles) works too; its last row is taken.
+GPU keeps the cache in device memory. The logits do come to the host. ftz-export's graph
+computes the LM head inside the graph on the last position only (a Gather before the head:
+``export/llm.py``, ``lm_head_on_last_position``), so ``logits`` are (B, 1, vocab) and one
+(vocab,) row per sequence reaches the host per step, prefill included. A decoder that returns
+every position (the builder's raw graph, bundles exported before that pass) still works: its
+whole (B, T, vocab) ``logits`` come to the host and the last position is taken (``[:, -1]``).
 
 This is our own loop rather than ONNX Runtime GenAI's generator because GenAI has no CUDA build
 for aarch64 (Jetson), while plain onnxruntime runs everywhere.
