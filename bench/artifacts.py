@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftz_edge import DEFAULT_MODEL
+from ftz_edge import precision as P
 from ftz_edge.atomic import atomic_folder
 
 SEED = 0
@@ -37,15 +38,15 @@ AUGMENTERS = {"dinov2-large": "DINOv2-L/14", "dinov2-base": "DINOv2-B/14", "dino
 LLMS = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "tinyllama-1.1b": "TinyLlama-1.1B"}
 # The vision tower's projector maps to this LLM's width in the vision benchmark.
 VISION_LLM = "qwen2.5-0.5b"
-VISION_PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
-LLM_PRECISIONS = ("fp32", "int8", "int4")  # what ORT GenAI's builder makes for the CPU
+VISION_PRECISIONS = (*P.VISION_PRECISIONS, P.INT8_DYNAMIC)  # + ONNX Runtime's dynamic INT8 (the CPU form)
+LLM_PRECISIONS = tuple(p for p in P.LLM_PRECISIONS if "cpu" in P.LLM_PROVIDERS[p])  # what ORT GenAI's builder makes for the CPU
 CALIBRATION_IMAGES = 4
 TEXT_TOKENS = 32
 # The paper's model (section 4): CLIP ViT-L/14-336 anchor, DINOv2-L/14 augmenter, Qwen2.5-0.5B.
 PAPER_AUGMENTER, PAPER_LLM = "dinov2-large", "qwen2.5-0.5b"
 # The bundle a user gets from ``ftz-export`` by default (FP16 tower, INT4 LLM), validated on 2
 # images: the validation's PyTorch fp32 runs cost seconds per image at this size.
-PAPER_BUNDLE_OPTIONS = {"precision": "fp16", "llm_precision": "int4", "validation_images": 2}
+PAPER_BUNDLE_OPTIONS = {"precision": P.FP16, "llm_precision": P.INT4, "validation_images": 2}
 # The end-to-end question of the real-size row: 31 tokens in the shipped tokenizer (the paper-size
 # checkpoint carries it), so the prompt is 576 image tokens + the chat template + ~32 question tokens.
 E2E_QUESTION = "What shapes are in this image, and what color is each of them?"
@@ -213,11 +214,15 @@ def _default_bundle_vision() -> Optional[Path]:
     """The default bundle's vision graph when that bundle exists and is fp32 (ftz-chat's)."""
     from ftz_edge.cli.default_bundle import default_bundle_path
 
-    manifest = default_bundle_path() / "manifest.json"
-    if not manifest.is_file():
+    from ftz_edge.manifest import BundleError, read_manifest
+
+    if not (default_bundle_path() / "manifest.json").is_file():
         return None
-    vision = json.loads(manifest.read_text())["vision"]
-    return default_bundle_path() / vision["file"] if vision.get("precision") == "fp32" else None
+    try:
+        vision = read_manifest(default_bundle_path(), verify=False).vision
+    except BundleError:  # a stale bundle (ftz-chat rebuilds it)
+        return None
+    return default_bundle_path() / vision.file if vision.precision == "fp32" else None
 
 
 def folder_bytes(folder: Path, suffixes=(".onnx", ".data", ".onnx_data", ".bin")) -> int:
@@ -364,20 +369,24 @@ def build_paper_bundle() -> list[dict]:
 
 def bundle_checkpoint(bundle: Path) -> Optional[Path]:
     """The checkpoint a bundle was exported from (its manifest's provenance), when it is here."""
+    from ftz_edge.manifest import BundleError, read_manifest
+
     try:
-        source = json.loads((Path(bundle) / "manifest.json").read_text()).get("provenance", {}).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
+        source = read_manifest(Path(bundle), verify=False).provenance.get("checkpoint")
+    except BundleError:
         return None
     return Path(source) if source and is_checkpoint_folder(Path(source)) else None
 
 
 def bundle_precision(bundle: Path) -> str:
     """``vision/llm`` precisions from a bundle's manifest ("bundle" when it cannot be read)."""
+    from ftz_edge.manifest import BundleError, read_manifest
+
     try:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        return f"{manifest['vision']['precision']}/{manifest['llm']['precision']}"
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = read_manifest(Path(bundle), verify=False)
+    except BundleError:
         return "bundle"
+    return f"{manifest.vision.precision}/{manifest.llm.precision}"
 
 
 def _component_config(checkpoint: Path, name: Optional[str]) -> Optional[dict]:

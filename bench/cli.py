@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ftz_edge import precision as P
 from ftz_edge.bench import artifacts
 from ftz_edge.bench.results import Case, make_row, merge_samples
 
 SUITES = ("vision", "llm", "e2e", "startup")
 VISION_BACKENDS = ("pytorch", "compile", "onnxruntime", "tensorrt")
 LLM_BACKENDS = ("transformers", "onnxruntime", "llamacpp")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int8-dynamic", "int4", "q8_0", "q4_0")
+PRECISIONS = (P.FP32, P.BF16, P.FP16, P.INT8, P.INT8_DYNAMIC, P.INT4, *P.GGUF_QUANTS)
 QUICK = dict(suite="vision,llm,e2e,startup", size="default,real", augmenter="dinov2-base,dinov2-large",
              llm="qwen2.5-0.5b", batch="1", repeats=3, warmup=1, new_tokens=16,
              backends="pytorch,onnxruntime,transformers,llamacpp",
@@ -59,6 +60,11 @@ class Plan:
     def want(self, backend: str, precision: str) -> bool:
         a = self.args
         return (not a.backends or backend in a.backends) and (not a.precisions or precision in a.precisions)
+
+    @property
+    def torch_precisions(self) -> tuple:
+        """PyTorch baselines: fp16 on a GPU only (CPUs emulate it)."""
+        return P.TORCH_DTYPES if self.gpu else tuple(p for p in P.TORCH_DTYPES if p != P.FP16)
 
     @property
     def native_bf16(self) -> bool:
@@ -92,8 +98,7 @@ class Plan:
         per_batch = a.warmup + a.repeats
         kw = dict(size=size, augmenter=augmenter, repeats=a.repeats, warmup=a.warmup)
         device = "cuda" if self.gpu else "cpu"
-        torch_precisions = ["fp32", "bf16", "fp16"] if self.gpu else ["fp32", "bf16"]
-        for precision in torch_precisions:
+        for precision in self.torch_precisions:
             if not self.want("pytorch", precision):
                 continue
             row = make_row("vision", size, model, "FtZ tower", "PyTorch eager" + (" (CUDA)" if self.gpu else ""), precision)
@@ -121,7 +126,7 @@ class Plan:
             self.add(Case("vision", f"vision {model} ORT {precision}", "ftz_edge.bench.vision_bench:ort_case",
                           dict(kw, precision=precision, batches=a.batches), row,
                           expected_ticks=len(a.batches) * per_batch, timeout=a.timeout, needs=[key]))
-        for precision in ("fp16", "int8"):
+        for precision in (P.FP16, P.INT8):
             if not self.want("tensorrt", precision):
                 continue
             row = make_row("vision", size, model, "FtZ tower", "TensorRT", precision)
@@ -150,7 +155,7 @@ class Plan:
                              artifacts.llm_hf(size, llm).exists(),
                              make_row("build", size, model, "HF folder (random weights)", "transformers", "fp32"))]
         device = "cuda" if self.gpu else "cpu"
-        for precision in (["fp32", "bf16", "fp16"] if self.gpu else ["fp32", "bf16"]):
+        for precision in self.torch_precisions:
             if not self.want("transformers", precision):
                 continue
             row = make_row("llm", size, model, "LLM", "transformers eager" + (" (CUDA)" if self.gpu else ""), precision, 1)
@@ -163,7 +168,7 @@ class Plan:
         import onnxruntime as ort
 
         cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-        for precision in ("fp32", "fp16", "int8", "int4"):
+        for precision in P.LLM_PRECISIONS:
             if not self.want("onnxruntime", precision):
                 continue
             row = make_row("llm", size, model, "LLM", "ONNX Runtime (runtime decoder)", precision, 1)

@@ -79,7 +79,8 @@ def _batch(model, batch: int, text_tokens: int, device: str, dtype):
     anchor = torch.randn(batch, 3, a.crop_height, a.crop_width, device=device, dtype=dtype)
     augmenter = torch.randn(batch, 3, g.crop_height, g.crop_width, device=device, dtype=dtype) if g else None
     vocab = model.llm.get_input_embeddings().weight.shape[0]
-    ids = [[prompt.IMAGE_TOKEN_ID] + torch.randint(1, vocab, (text_tokens,)).tolist() for _ in range(batch)]
+    image = [prompt.IMAGE_TOKEN_ID] * model.vision.num_image_tokens  # the image's positions, as prompt.tokenize writes them
+    ids = [image + torch.randint(1, vocab, (text_tokens,)).tolist() for _ in range(batch)]
     return ids, anchor, augmenter
 
 

@@ -47,7 +47,7 @@ def _runtime(bundle: str, warmup: bool = False):
 
 def _model_label(runtime) -> str:
     m = runtime.manifest
-    return f"bundle: vision {m['vision']['precision']}, LLM {m['llm']['precision']}"
+    return f"bundle: vision {m.vision.precision}, LLM {m.llm.precision}"
 
 
 def bundle_facts(runtime) -> dict:
@@ -55,12 +55,12 @@ def bundle_facts(runtime) -> dict:
     and the decoder's weight bytes read per token (graph + external weights; the embedding table
     is only looked up)."""
     m = runtime.manifest
-    provenance = m.get("provenance") or {}
-    return {"bundle_bytes": sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
+    provenance = m.provenance
+    return {"bundle_bytes": sum(f.bytes for f in m.files.values()),
             "export_seconds": provenance.get("export_seconds"), "export_stage_seconds": provenance.get("stage_seconds"),
             "export_peak_rss_gib": provenance.get("peak_rss_gib", provenance.get("peak_rss_gb")), "export_options": provenance.get("options"),
-            "vision_precision": m["vision"]["precision"], "llm_precision": m["llm"]["precision"],
-            "weight_bytes_per_token": artifacts.folder_bytes(runtime.bundle / m["llm"]["folder"])}
+            "vision_precision": m.vision.precision, "llm_precision": m.llm.precision,
+            "weight_bytes_per_token": artifacts.folder_bytes(runtime.bundle / m.llm.folder)}
 
 
 def e2e_case(bundle: Optional[str], new_tokens: int, repeats: int, warmup: int, question: Optional[str] = None,
@@ -84,11 +84,10 @@ def e2e_case(bundle: Optional[str], new_tokens: int, repeats: int, warmup: int, 
     config = GenerationConfig(max_new_tokens=new_tokens)
     decoder = runtime.decoder
     samples: dict[str, list] = {}
-    answer = ""
+    answer, generation = "", None
     for i in range(warmup + repeats):
-        answer = runtime.answer(str(image), question, config)
-        t = runtime.last_timings
-        generated = list(runtime.last_tokens)
+        generation = runtime.ask(str(image), question, config).run()
+        answer, t, generated = generation.text, generation.timings, list(generation.tokens)
         # What the runtime ran, piece by piece: the same calls, timed alone.
         clock = time.perf_counter
         start = clock()
@@ -129,13 +128,13 @@ def e2e_case(bundle: Optional[str], new_tokens: int, repeats: int, warmup: int, 
     metrics = {k: Measurement(v, "tok/s" if k.endswith("per_s") else "ms", warmup, k.endswith("per_s"))
                for k, v in samples.items()}
     info = {"bundle": bundle, "image": image.name, "question": question, "answer": answer,
-            "new_tokens": len(runtime.last_tokens), "max_new_tokens": new_tokens,
-            "finish_reason": getattr(runtime, "last_finish_reason", None),
+            "new_tokens": len(generation.tokens), "max_new_tokens": new_tokens,
+            "finish_reason": generation.finish_reason,
             "question_tokens": len(runtime.tokenizer.encode(question, add_special_tokens=False).ids),
-            "prompt_tokens": runtime.last_timings.prompt_tokens, "backends": runtime.backends,
+            "prompt_tokens": generation.timings.prompt_tokens, "backends": runtime.backends,
             "checkpoint": checkpoint, **bundle_facts(runtime)}
     return [make_row("e2e", size, model or _model_label(runtime), "image + question -> answer", "ftz_edge runtime",
-                     f"{runtime.manifest['vision']['precision']}/{runtime.manifest['llm']['precision']}", 1,
+                     f"{runtime.manifest.vision.precision}/{runtime.manifest.llm.precision}", 1,
                      metrics, info=info)]
 
 
@@ -196,7 +195,7 @@ def torch_case(checkpoint: str, precision: str, new_tokens: int, repeats: int, w
         for k, v in values.items():
             samples.setdefault(k, []).append(v)
         answer = ftz.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-        prompt_tokens = len(ids) + ids.count(prompt.IMAGE_TOKEN_ID) * (ftz.vision.num_image_tokens - 1)
+        prompt_tokens = len(ids)  # each image is its num_image_tokens positions in ids
     metrics = {k: Measurement(v, "tok/s" if k.endswith("per_s") else "ms", warmup, k.endswith("per_s"))
                for k, v in samples.items()}
     # Decode reads every LLM weight once per token; with tied embeddings the LM head is the table.
@@ -226,14 +225,13 @@ def startup_case(bundle: Optional[str], mode: str, new_tokens: int, later: int =
     start = time.perf_counter()
     runtime = _runtime(bundle, warmup=(mode == "warm"))
     load_ms = (time.perf_counter() - start) * 1e3
-    runtime.answer(str(image), question, config)
-    first = runtime.last_timings
+    first = runtime.ask(str(image), question, config).run().timings
     steady_ttft, steady_vision = [], []
     for _ in range(later):
-        runtime.answer(str(image), question, config)
-        steady_ttft.append(runtime.last_timings.time_to_first_token_ms)
-        steady_vision.append(runtime.last_timings.vision_ms)
-        if runtime.last_timings.cache_hit:
+        later_timings = runtime.ask(str(image), question, config).run().timings
+        steady_ttft.append(later_timings.time_to_first_token_ms)
+        steady_vision.append(later_timings.vision_ms)
+        if later_timings.cache_hit:
             raise RuntimeError("the image cache answered although it is off; the vision tower did not run")
     tick()
     values = {"load_ms": load_ms, "first_request_ttft_ms": first.time_to_first_token_ms,
@@ -245,5 +243,5 @@ def startup_case(bundle: Optional[str], mode: str, new_tokens: int, later: int =
     metrics = {k: Measurement([v], "ms") for k, v in values.items()}
     label = "cold start (warmup=False)" if mode == "cold" else "warm start (warmup=True)"
     return [make_row("startup", "default", _model_label(runtime), label, "ftz_edge runtime",
-                     f"{runtime.manifest['vision']['precision']}/{runtime.manifest['llm']['precision']}", 1, metrics,
+                     f"{runtime.manifest.vision.precision}/{runtime.manifest.llm.precision}", 1, metrics,
                      info={"bundle": bundle, "later_requests": later})]

@@ -223,8 +223,9 @@ def chat(runtime: FtZRuntime, session: Optional[ChatSession], image: Any, questi
     answer = ""
     yield base + [{"role": "assistant", "content": STARTED_MESSAGE}], panel, session, ""
     images = [new_image.source for new_image in new_images]
+    generation = session.conversation.ask(question, images, config)  # this answer's own tokens and timings
     try:
-        for delta in session.conversation.ask(question, images, config):
+        for delta in generation:
             answer += delta
             yield base + [{"role": "assistant", "content": answer}], panel, session, ""
     except ContextLengthError as err:
@@ -246,7 +247,7 @@ def chat(runtime: FtZRuntime, session: Optional[ChatSession], image: Any, questi
         yield session.history, panel, session, question
         return
     session.image_keys += [new_image.key for new_image in new_images]
-    timings = runtime.last_timings
+    timings = generation.timings
     session.timings.append(timings.to_dict())
     session.history = base + [{"role": "assistant", "content": answer.strip() or "(no answer)"}]
     yield session.history, timings_markdown(runtime, timings, len(session.timings)), session, ""

@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 import ftz_edge
-from ftz_edge.cli.args import OneLineParser, finite_float
+from ftz_edge.cli.args import DataclassOptions, Flag, OneLineParser
 from ftz_edge.cli.default_bundle import ensure_default_bundle
 from ftz_edge.manifest import BundleError
 
@@ -48,15 +48,11 @@ def chat(argv: Optional[List[str]]) -> int:
     parser.add_argument("--image", action="append", default=[], help="an image (repeat for several)")
     parser.add_argument("--example", type=int, metavar="N",
                         help="ask the shipped default model's example N (its image and question)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=finite_float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=finite_float, default=1.0)
-    parser.add_argument("--presence-penalty", type=finite_float, default=0.0, help="OpenAI's, -2..2")
-    parser.add_argument("--frequency-penalty", type=finite_float, default=0.0, help="OpenAI's, -2..2")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    # The sampling options: one per GenerationConfig field.
+    generation_options = DataclassOptions(GenerationConfig, flags={
+        "temperature": Flag(help="0 = greedy"), "presence_penalty": Flag(help="OpenAI's, -2..2"),
+        "frequency_penalty": Flag(help="OpenAI's, -2..2"), "stop": Flag(help="stop string (repeatable)")})
+    generation_options.add_to(parser)
     parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
     parser.add_argument("--system", help="system prompt")
     args = parser.parse_args(argv)
@@ -70,10 +66,7 @@ def chat(argv: Optional[List[str]]) -> int:
         print(f"[example {args.example}: {example['image']}, expected answer {example['answer']!r}]", file=sys.stderr)
         print(f"you> {args.question}", file=sys.stderr)
     try:
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                  seed=args.seed, stop=args.stop)
+        config = generation_options.build(args)
         # Undecodable bytes on a command line arrive as lone surrogates: refused before the model loads.
         for text, where in ((args.question, "the question"), (args.system, "--system")):
             if text is not None:
@@ -111,8 +104,9 @@ def chat(argv: Optional[List[str]]) -> int:
                     continue
             print("ftz> " if questions is None else "", end="", flush=True)
             streamed = questions is None  # something on stdout's current line
+            generation = chat.ask(question, images, config)
             try:
-                for delta in chat.ask(question, images, config):
+                for delta in generation:
                     print(delta, end="", flush=True)
                     streamed = True
             except ValueError as err:  # an unreadable image, a prompt past the context, text that is not UTF-8
@@ -125,8 +119,8 @@ def chat(argv: Optional[List[str]]) -> int:
             finally:
                 images = []  # an image goes with one question, used or refused
             print()
-            print(f"[{runtime.last_timings.summary()}]", file=sys.stderr)
-            for note in runtime.last_timings.notes:
+            print(f"[{generation.timings.summary()}]", file=sys.stderr)
+            for note in generation.timings.notes:
                 print(f"[note: {note}]", file=sys.stderr)
     except (BundleError, ValueError) as err:
         print(f"ftz-chat: error: {err}", file=sys.stderr)

@@ -31,16 +31,18 @@ from fractions import Fraction
 from importlib import resources
 from typing import Callable, List, Optional
 
+from ftz_edge import precision as P
+
 MIB = 1 << 20
 GIB = 1 << 30
 
 # ONNX Runtime GenAI's builder stores INT4 / INT8 weights in MatMulNBits blocks of 32 with one
 # scale (fp32 for a CPU build, fp16 for CUDA) and one zero point of the same bit width per block.
-# Checked: Qwen2.5-0.5B at int4 for CPU comes to 316 MB by this rule, 317 MB measured (FACTS.md).
+# Checked: Qwen2.5-0.5B at int4 for CPU comes to 316 MB by this rule, 317 MB measured (an ORT GenAI build on this project's machines).
 LLM_BLOCK = 32
 # The vision tower: INT8 is Q/DQ weights with per-channel scales, and the FtZ fusion modules and
 # embeddings stay FP16 by default (export/quantize.py): about 1.1 bytes per weight on average.
-TOWER_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1}
+TOWER_BYTES_PER_WEIGHT = P.VISION_BYTES_PER_WEIGHT
 # Assumptions (not measured here): what the process costs before any model is loaded.
 OVERHEAD_CPU = 256 * MIB  # Python + numpy + onnxruntime + tokenizers
 OVERHEAD_GPU = 1 * GIB  # + CUDA context, cuBLAS / cuDNN kernels, TensorRT
@@ -53,20 +55,16 @@ ASSUMED_HEAD_DIM = 64
 
 def llm_bytes_per_weight(precision: str, provider: str) -> float:
     """Bytes per MatMul weight of the exported decoder (``provider``: what it is built for)."""
-    if precision == "fp32":
-        return 4.0
-    if precision == "fp16":
-        return 2.0
-    if precision not in ("int8", "int4"):
-        raise ValueError(f"unknown LLM precision {precision!r}")
-    bits = 8 if precision == "int8" else 4
+    bits = P.LLM_WEIGHT_BITS[P.parse_llm(precision)]
+    if precision not in P.QUANTIZED_LLM:
+        return bits / 8
     scale_bits = 32 if provider == "cpu" else 16
     return (bits + (scale_bits + bits) / LLM_BLOCK) / 8
 
 
 def embed_dtype_bytes(llm_precision: str) -> int:
     """export/llm.py keeps the embedding table fp32 for fp32 bundles, fp16 for all others."""
-    return 4 if llm_precision == "fp32" else 2
+    return 4 if llm_precision == P.FP32 else 2
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, context: int, bytes_per_element: int, batch: int = 1) -> int:
@@ -171,8 +169,8 @@ class MemoryBudget:
 def budget(spec: ModelSpec, gpu: bool) -> MemoryBudget:
     """The memory ``spec`` needs; ``gpu``: the machine has a CUDA GPU (the overhead includes its context)."""
     # Activations are fp16 only where the graph is: a GPU tower below fp32, a CUDA LLM below fp32.
-    act_vision = 2 if spec.vision_on_gpu and spec.vision_precision != "fp32" else 4
-    act_llm = 2 if spec.llm_provider == "cuda" and spec.llm_precision != "fp32" else 4
+    act_vision = 2 if spec.vision_on_gpu and spec.vision_precision != P.FP32 else 4
+    act_llm = 2 if spec.llm_provider == "cuda" and spec.llm_precision != P.FP32 else 4
     llm_on_gpu = spec.llm_provider == "cuda"
     kv = kv_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.context, spec.kv_bytes_per_element)
     kv_how = (f"2 x {spec.num_layers} layers x {spec.num_kv_heads} KV heads x {spec.head_dim} head dim x "
@@ -229,8 +227,8 @@ class Target:
     note: str = ""
 
 
-# Usable memory on the Orin modules is an assumption: about 5 GB is what apps get on an Orin Nano
-# 8 GB (FACTS.md); for the others, the total minus about 3 GB for the OS, desktop and carveouts.
+# Usable memory on the Orin modules is an assumption, not measured here: about 5 GB for apps on
+# an Orin Nano 8 GB; for the others, the total minus about 3 GB for the OS, desktop and carveouts.
 JETSON_TARGETS = (
     Target("Jetson Orin Nano 8 GB", True, 5 * GIB, note="about 5 GB usable for apps (assumed)"),
     Target("Jetson Orin NX 16 GB", True, 13 * GIB, note="16 GB minus ~3 GB for the OS (assumed)"),
@@ -295,14 +293,14 @@ def changes_for(spec: ModelSpec) -> List[Change]:
     """The real ftz-export options (and the one config edit) that shrink ``spec``."""
     out = []
     export = f"ftz-export --checkpoint {spec.checkpoint}"
-    if spec.llm_precision != "int4":
+    if spec.llm_precision != P.INT4:
         provider = " --llm-provider cuda" if spec.llm_provider == "cuda" else ""
         out.append(Change("INT4 LLM", f"{export} --llm-precision int4{provider}", _to_int4))
-    if spec.vision_precision == "fp32":
-        out.append(Change("FP16 vision tower", f"{export} --precision fp16", lambda s: _tower(s, "fp16")))
-    if spec.vision_precision in ("fp32", "fp16"):
+    if spec.vision_precision == P.FP32:
+        out.append(Change("FP16 vision tower", f"{export} --precision fp16", lambda s: _tower(s, P.FP16)))
+    if spec.vision_precision in (P.FP32, P.FP16):
         out.append(Change("INT8 vision tower", f"{export} --precision int8 (measure its accuracy and speed: "
-                          "INT8 ViT engines are often no faster than FP16)", lambda s: _tower(s, "int8")))
+                          "INT8 ViT engines are often no faster than FP16)", lambda s: _tower(s, P.INT8)))
     shorter = max(spec.context // 2, spec.image_tokens + 128)
     if shorter < spec.context:
         out.append(Change(f"context {shorter} instead of {spec.context}",
@@ -316,9 +314,9 @@ def changes_for(spec: ModelSpec) -> List[Change]:
 
 
 def _to_int4(spec: ModelSpec) -> ModelSpec:
-    ratio = llm_bytes_per_weight("int4", spec.llm_provider) / llm_bytes_per_weight(spec.llm_precision, spec.llm_provider)
-    embed = spec.llm_embed_bytes * embed_dtype_bytes("int4") // embed_dtype_bytes(spec.llm_precision)
-    return replace(spec, llm_precision="int4", llm_decoder_bytes=int(spec.llm_decoder_bytes * ratio), llm_embed_bytes=embed)
+    ratio = llm_bytes_per_weight(P.INT4, spec.llm_provider) / llm_bytes_per_weight(spec.llm_precision, spec.llm_provider)
+    embed = spec.llm_embed_bytes * embed_dtype_bytes(P.INT4) // embed_dtype_bytes(spec.llm_precision)
+    return replace(spec, llm_precision=P.INT4, llm_decoder_bytes=int(spec.llm_decoder_bytes * ratio), llm_embed_bytes=embed)
 
 
 def _tower(spec: ModelSpec, precision: str) -> ModelSpec:
@@ -401,7 +399,8 @@ def llm_params(c: dict) -> int:
     return embed + c["num_hidden_layers"] * (matmul + other) + c["hidden_size"] + lm_head
 
 
-def anchor_depth(anchor: dict, select_layer: int = -2) -> int:
+def anchor_depth(anchor: dict, select_layer: int = -1) -> int:
+    # -1: the paper preset's final-layer features (ftz_edge.config.TowerConfig.select_layer).
     return select_layer if select_layer > 0 else anchor["num_hidden_layers"] + 1 + select_layer
 
 
@@ -414,7 +413,8 @@ def deepest_augmenter_layer(anchor_layer: int, anchor_layers: int, augmenter_lay
 
 @dataclass
 class ReferenceTower:
-    """Parameters of a paper-preset FtZ tower of real size as exported (pruned layers left out)."""
+    """Parameters of a paper-preset FtZ tower of real size as exported (pruned layers left out:
+    none with the paper's final-layer features; the llava preset's -2 leaves out the last ones)."""
 
     anchor_layers_run: int
     augmenter_layers_run: int
@@ -431,7 +431,7 @@ class ReferenceTower:
 
 
 def reference_tower(augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", num_fusion_points: int = 4,
-                    select_layer: int = -2) -> ReferenceTower:
+                    select_layer: int = -1) -> ReferenceTower:
     a, g, lm = reference_config(REFERENCE_ANCHOR), reference_config(augmenter), reference_config(llm)
     depth = anchor_depth(a, select_layer)
     g_depth = deepest_augmenter_layer(depth, a["num_hidden_layers"], g["num_hidden_layers"])
@@ -459,16 +459,18 @@ def exported_llm_bytes(llm: str, precision: str, provider: str) -> tuple[int, in
     return int(decoder), vocab * d * embed_dtype_bytes(precision)
 
 
-def plan_spec(augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", tower_precision: str = "fp16",
-              llm_precision: str = "int4", context: Optional[int] = None, gpu: bool = True) -> ModelSpec:
+def plan_spec(augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", tower_precision: str = P.DEFAULT_VISION_PRECISION,
+              llm_precision: str = P.DEFAULT_LLM_PRECISION, context: Optional[int] = None, gpu: bool = True) -> ModelSpec:
     """A paper-preset FtZ model of real size (CLIP-L/336 + ``augmenter`` + ``llm``), exported at the
     given precisions, run on a GPU (vision and LLM on CUDA) or on the CPU."""
     if augmenter not in AUGMENTERS:
         raise ValueError(f"augmenter must be one of {', '.join(AUGMENTERS)}, got {augmenter!r}")
     if llm not in LLMS:
         raise ValueError(f"LLM must be one of {', '.join(LLMS)}, got {llm!r}")
+    P.parse_vision(tower_precision, "tower precision")
+    P.parse_llm(llm_precision)
     provider = "cuda" if gpu else "cpu"
-    if llm_precision == "fp16" and provider == "cpu":
+    if llm_precision == P.FP16 and provider == "cpu":
         raise ValueError("an fp16 LLM is built for CUDA only (ONNX Runtime GenAI's builder)")
     tower = reference_tower(augmenter, llm)
     a, g, c = reference_config(REFERENCE_ANCHOR), reference_config(augmenter), reference_config(llm)
@@ -491,7 +493,7 @@ def plan_spec(augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", tower_
         num_layers=c["num_hidden_layers"], num_kv_heads=c["num_key_value_heads"],
         head_dim=c["hidden_size"] // c["num_attention_heads"], hidden=c["hidden_size"], heads=c["num_attention_heads"],
         mlp=c["intermediate_size"], vocab=c["vocab_size"], context=context,
-        kv_bytes_per_element=2 if gpu and llm_precision != "fp32" else 4, image_tokens=image_tokens,
+        kv_bytes_per_element=2 if gpu and llm_precision != P.FP32 else 4, image_tokens=image_tokens,
         anchor=Encoder(tower.anchor_tokens, a["hidden_size"], a["intermediate_size"], a["num_attention_heads"]),
         augmenter=Encoder(tower.augmenter_tokens, g["hidden_size"], g["hidden_size"] * g["mlp_ratio"],
                           g["num_attention_heads"]),

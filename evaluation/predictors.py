@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ftz_edge.config import CONFIG_NAME as CHECKPOINT_CONFIG  # stdlib only, like the manifest module
 from ftz_edge.evaluation.errors import EvalDataError
 from ftz_edge.manifest import MANIFEST_NAME as MANIFEST
+from ftz_edge.precision import TORCH_DTYPES
 
 
 @dataclass
@@ -71,12 +72,16 @@ def identity(spec: ModelSpec, torch_dtype: str = "fp32") -> Dict[str, Any]:
     """What the saved results say each column was: path, kind, precision, tower kind."""
     info: Dict[str, Any] = {"label": spec.label, "path": str(spec.path.resolve()), "kind": spec.kind}
     if spec.kind == "bundle":
-        manifest = _read_json(spec.path / MANIFEST)
-        vision, llm = manifest.get("vision", {}), manifest.get("llm", {})
-        provenance = manifest.get("provenance", {})
-        info.update(runtime="onnxruntime" if vision.get("engine") != "trt" else "tensorrt",
-                    precision={"vision": vision.get("precision"), "llm": llm.get("precision")},
-                    tower_kind=vision.get("tower_kind"), source_checkpoint=provenance.get("checkpoint"))
+        from ftz_edge.manifest import BundleError, read_manifest  # stdlib only
+
+        try:
+            manifest = read_manifest(spec.path, verify=False)  # the files are verified when the runtime loads them
+        except BundleError as err:
+            raise EvalDataError(str(err)) from None
+        vision = manifest.vision
+        info.update(runtime="onnxruntime" if vision.engine != "trt" else "tensorrt",
+                    precision={"vision": vision.precision, "llm": manifest.llm.precision},
+                    tower_kind=vision.tower_kind, source_checkpoint=manifest.provenance.get("checkpoint"))
     else:
         config = _read_json(spec.path / CHECKPOINT_CONFIG)
         info.update(runtime="pytorch", precision={"vision": torch_dtype, "llm": torch_dtype},
@@ -94,7 +99,7 @@ def describe(info: Dict[str, Any]) -> str:
 class CheckpointPredictor:
     """``FtZForCausalLM.answer`` on a loaded checkpoint (greedy)."""
 
-    DTYPES = ("fp32", "bf16", "fp16")
+    DTYPES = TORCH_DTYPES
 
     def __init__(self, path: Path, device: str = "auto", dtype: str = "fp32"):
         import torch  # only here: bundles and the metrics never need it

@@ -21,7 +21,7 @@ def with_short_answer(text: str) -> str:
 class Question:
     id: str  # unique within its benchmark
     group: str  # POPE split, MME subtask, synthetic question type; "val" for TextVQA
-    image: Any  # a path, or a PIL image (the synthetic set is generated in memory)
+    image: Any  # a path, a PIL image (the synthetic set is generated in memory) or encoded bytes (MMMU)
     image_name: str  # how the saved predictions name the image
     prompt: str  # exactly what the model is asked (the <image> placeholder is added by the model)
     truth: Dict[str, Any] = field(default_factory=dict)  # what the scorer needs: label, answers, ...

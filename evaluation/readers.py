@@ -16,6 +16,10 @@ Layouts, as LLaVA-1.5's evaluation and the benchmarks ship them:
 * MME: ``MME_Benchmark_release_version/<subtask>/`` holding either ``images/`` +
   ``questions_answers_YN/`` or images and same-stem ``.txt`` files side by side; each txt has
   two ``question<TAB>Yes|No`` lines about its image.
+* MMMU: ``MMMU/<Subject>/{validation,dev}-0000x-of-0000y.parquet`` as the Hub ships it (id,
+  question, options as a Python-literal list, answer, question_type, image_1..image_7 as
+  {bytes, path}); read with pyarrow (the ``eval`` extra).
+* MM-Vet: ``mm-vet.json`` (id -> imagename, capability, question, answer) and ``images/``.
 * the synthetic fine-grained set of ``ftz_edge.training.synthetic``, generated from its seed.
 """
 
@@ -303,4 +307,221 @@ def read_synthetic(n: int, seed: int, limit: Optional[int] = None) -> List[Quest
         questions.append(Question(
             id=record["id"], group=example.qtype, image=example.image, image_name=f"synthetic:test:seed{seed}:{i}",
             prompt=example.question + synthetic.SUFFIX, truth={"answer": example.answer}))
+    return questions
+
+
+# ---- MMMU ---------------------------------------------------------------------------------
+
+MMMU_SPLITS = ("validation", "dev")  # test's answers are not public (its answer column is "?")
+MMMU_IMAGE_COLUMNS = tuple(f"image_{i}" for i in range(1, 8))
+MMMU_COLUMNS = ("id", "question", "options", "answer", "question_type")
+MMMU_PROMPTS = ("lmms-eval", "mmmu")
+MMMU_CHOICE_LINE = "Answer with the option's letter from the given choices directly."
+
+
+def mmmu_prompt(question: str, options: Sequence[str], question_type: str, style: str = "lmms-eval") -> str:
+    """What the model is asked. ``lmms-eval`` (the default; lmms-eval's mmmu ``construct_prompt``
+    with the LLaVA prompts of its mmmu_val task): the question, the options as "A. ..." lines,
+    a blank line and the choice instruction; an open question gets a blank line and LLaVA's
+    short-answer line. ``mmmu`` (the MMMU repo's configs/llava1.5.yaml as YAML loads it): the
+    question, the options as "(A) ..." lines, then the instruction after a blank line; open:
+    the short-answer line right after the question. ``<image k>`` references stay in the text
+    as written (both references keep them)."""
+    from ftz_edge.evaluation.metrics import MMMU_MULTIPLE_CHOICE, mmmu_letters
+
+    if style not in MMMU_PROMPTS:
+        raise EvalDataError(f"MMMU prompt style must be one of {', '.join(MMMU_PROMPTS)}, got {style!r}")
+    letters = mmmu_letters(len(options))
+    if question_type == MMMU_MULTIPLE_CHOICE:
+        if style == "lmms-eval":
+            listed = "\n".join(f"{x}. {option}" for x, option in zip(letters, options))
+            return f"{question}\n{listed}\n\n{MMMU_CHOICE_LINE}"
+        listed = "".join(f"({x}) {option}\n" for x, option in zip(letters, options))
+        return f"{question}\n{listed}\n{MMMU_CHOICE_LINE}"
+    return f"{question}\n\n{SHORT_ANSWER}" if style == "lmms-eval" else f"{question}\n{SHORT_ANSWER}"
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EvalDataError("reading MMMU's parquet files needs pyarrow: pip install 'ftz-edge[eval]'") from None
+    return pq
+
+
+def _parquet_rows(path: Path, required: Sequence[str], optional: Sequence[str]) -> List[Dict[str, Any]]:
+    """The rows of a parquet file as dicts of the ``required`` columns and those of ``optional``
+    that it has (a missing required column, or a file that is not parquet: EvalDataError)."""
+    pq = _pyarrow_parquet()
+    try:
+        names = set(pq.read_schema(path).names)
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise EvalDataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                                + ", ".join(repr(c) for c in missing))
+        columns = list(required) + [c for c in optional if c in names]
+        return pq.read_table(path, columns=columns).to_pylist()
+    except EvalDataError:
+        raise
+    except Exception as err:  # pyarrow's ArrowInvalid / OSError for a truncated or non-parquet file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EvalDataError(f"{path}: not a readable parquet file ({reason})") from None
+
+
+def _mmmu_root(source: Path) -> Path:
+    """The folder holding the subject folders: ``source`` or its ``MMMU/`` (the Hub's layout)."""
+    _existing(source, "MMMU folder", folder=True)
+    from ftz_edge.evaluation.metrics import MMMU_SUBJECTS
+
+    for root in (source, source / "MMMU"):
+        if any((root / s).is_dir() for s in MMMU_SUBJECTS):
+            return root
+    raise EvalDataError(f"{source}: no MMMU subject folders in it or in its MMMU/ folder "
+                        f"(expected some of {', '.join(MMMU_SUBJECTS[:3])}, ...)")
+
+
+def _mmmu_list(text: Any, where: str, field: str) -> List[str]:
+    """A Python-literal list of strings (how the parquet files store options, and some open
+    answers)."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise EvalDataError(f"{where}: {field} is not a Python list literal: {text!r:.80}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EvalDataError(f"{where}: {field} must be a list of strings, got {text!r:.80}")
+    return value
+
+
+def _mmmu_image(cell: Any, where: str, column: str) -> bytes:
+    """The encoded image of an image cell ({"bytes": ..., "path": ...}), its header checked here.
+    The bytes themselves are what the model is given (``preprocess.load_image`` decodes them per
+    question): 900 questions' decoded pixels are never held at once."""
+    from io import BytesIO
+
+    from PIL import Image, UnidentifiedImageError
+
+    data = cell.get("bytes") if isinstance(cell, dict) else None
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise EvalDataError(f"{where}: {column} has no image bytes")
+    try:
+        with Image.open(BytesIO(data)):
+            pass
+    except (UnidentifiedImageError, OSError) as err:
+        raise EvalDataError(f"{where}: {column} is not an image Pillow can read ({err})") from None
+    return bytes(data)
+
+
+def read_mmmu(source: Path, split: str = "validation", limit: Optional[int] = None, prompt_style: str = "lmms-eval",
+              subjects: Optional[Sequence[str]] = None) -> List[Question]:
+    """MMMU questions of every subject folder found (``MMMU/<Subject>/<split>-*.parquet``, the
+    Hub's layout); ``limit`` keeps the first N of each subject.
+
+    Images: the model sees ``image_1`` only, as in the MMMU repo's LLaVA run (run_llava.py with
+    process_single_sample); the question's other images are counted (``images`` in its entry,
+    and in the scores' details) but not shown, and its ``<image k>`` references stay in the text.
+    (The runtime could take several images with a placeholder each; ftz-eval's predictors answer
+    about one image, as LLaVA-1.5's evaluation does.)"""
+    from ftz_edge.evaluation.metrics import MMMU_MULTIPLE_CHOICE, MMMU_OPEN, MMMU_SUBJECTS, mmmu_letters
+
+    if split not in MMMU_SPLITS:
+        hint = " (its answers are not public)" if split == "test" else ""
+        raise EvalDataError(f"MMMU split must be one of {', '.join(MMMU_SPLITS)}, got {split!r}{hint}")
+    root = _mmmu_root(Path(source))
+    wanted = MMMU_SUBJECTS if subjects is None else subjects
+    questions: List[Question] = []
+    seen = set()
+    for subject in [s for s in wanted if (root / s).is_dir()]:
+        files = sorted((root / subject).glob(f"{split}-*.parquet"))
+        if not files:
+            raise EvalDataError(f"{root / subject}: no {split}-*.parquet file in it")
+        kept = 0
+        for path in files:
+            for number, row in enumerate(_parquet_rows(path, MMMU_COLUMNS, MMMU_IMAGE_COLUMNS)):
+                if limit is not None and kept >= limit:
+                    break
+                where = f"{path}: row {number}"
+                qid = row["id"]
+                if not isinstance(qid, str) or not qid:
+                    raise EvalDataError(f"{where}: id must be a non-empty string, got {qid!r}")
+                where = f"{path}: row {number} ({qid})"
+                if qid in seen:
+                    raise EvalDataError(f"{where}: id appears twice")
+                seen.add(qid)
+                kind = row["question_type"]
+                if kind not in (MMMU_MULTIPLE_CHOICE, MMMU_OPEN):
+                    raise EvalDataError(f"{where}: question_type must be {MMMU_MULTIPLE_CHOICE!r} or {MMMU_OPEN!r}, "
+                                        f"got {kind!r}")
+                if not isinstance(row["question"], str):
+                    raise EvalDataError(f"{where}: question must be a string, got {row['question']!r:.80}")
+                options = _mmmu_list(row["options"], where, "options")
+                answer: Any = row["answer"]
+                if not isinstance(answer, str):
+                    raise EvalDataError(f"{where}: answer must be a string, got {answer!r:.80}")
+                if kind == MMMU_MULTIPLE_CHOICE:
+                    if answer not in mmmu_letters(len(options)):
+                        raise EvalDataError(f"{where}: answer {answer!r} is not one of the option letters "
+                                            f"{''.join(mmmu_letters(len(options)))}")
+                elif answer.startswith("["):  # several accepted answers, e.g. "['24/7', '3.429']"
+                    answer = _mmmu_list(answer, where, "answer")
+                images = [c for c in MMMU_IMAGE_COLUMNS if row.get(c) is not None]
+                if "image_1" not in images:
+                    raise EvalDataError(f"{where}: image_1 is empty (the question the model is shown needs it)")
+                image = _mmmu_image(row["image_1"], where, "image_1")
+                for column in images[1:]:  # checked, not kept: the model sees image_1 only
+                    _mmmu_image(row[column], where, column)
+                questions.append(Question(
+                    id=qid, group=subject, image=image, image_name=f"{subject}/{qid}/image_1",
+                    prompt=mmmu_prompt(row["question"], options, kind, prompt_style),
+                    truth={"question_type": kind, "answer": answer, "options": options, "images": len(images)}))
+                kept += 1
+    if not questions:
+        raise EvalDataError(f"{root}: no MMMU {split} questions in it")
+    return questions
+
+
+# ---- MM-Vet -------------------------------------------------------------------------------
+
+MMVET_FILE = "mm-vet.json"
+MMVET_IMAGES = "images"
+
+
+def _mmvet_root(source: Path) -> Path:
+    _existing(source, "MM-Vet folder", folder=True)
+    for root in (source, source / "mm-vet"):
+        if (root / MMVET_FILE).is_file():
+            return root
+    raise EvalDataError(f"{source}: no {MMVET_FILE} in it or in its mm-vet/ folder")
+
+
+def read_mmvet(source: Path, images: Optional[Path] = None, limit: Optional[int] = None) -> List[Question]:
+    """MM-Vet's questions (``mm-vet.json``: id -> imagename, capability, question, answer) about
+    the images in ``images/`` beside it. Asked as LLaVA-1.5 asks them (llava/eval/model_vqa.py on
+    llava-mm-vet.jsonl): the question text alone, no answer-format line. The group is the
+    question's capability integration (its capabilities, sorted, joined with "_")."""
+    root = _mmvet_root(Path(source))
+    path = root / MMVET_FILE
+    folder = _existing(Path(images) if images else root / MMVET_IMAGES, "MM-Vet image folder", folder=True)
+    data = read_json(path, "MM-Vet question file")
+    if not isinstance(data, dict):
+        raise EvalDataError(f"{path}: expected an object of question id -> question (mm-vet.json's format)")
+    questions = []
+    for qid, record in islice(data.items(), limit):
+        where = f"{path}: {qid}"
+        if not isinstance(record, dict):
+            raise EvalDataError(f"{where}: expected an object")
+        require(record, ("imagename", "capability", "question", "answer"), where)
+        caps = record["capability"]
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c for c in caps):
+            raise EvalDataError(f"{where}: 'capability' must be a non-empty list of strings, got {caps!r:.80}")
+        for field in ("imagename", "question", "answer"):
+            if not isinstance(record[field], str):
+                raise EvalDataError(f"{where}: {field!r} must be a string, got {record[field]!r:.80}")
+        name = record["imagename"]
+        questions.append(Question(
+            id=qid, group="_".join(sorted(set(caps))), image=_image(folder, name, where), image_name=name,
+            prompt=record["question"], truth={"answer": record["answer"], "capability": list(caps)}))
+    if not questions:
+        raise EvalDataError(f"{path}: no questions in it")
     return questions

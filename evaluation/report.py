@@ -48,8 +48,8 @@ def markdown_table(models: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> 
 
 
 def markdown_report(report: Dict[str, Any]) -> str:
-    lines = ["# ftz-eval", "", "Greedy decoding, one question at a time. POPE, TextVQA and the synthetic set in "
-             "percent; MME in its points (acc + acc+ per subtask, summed for perception and cognition).", ""]
+    lines = ["# ftz-eval", "", "Greedy decoding, one question at a time. POPE, TextVQA, MMMU, MM-Vet and the synthetic "
+             "set in percent; MME in its points (acc + acc+ per subtask, summed for perception and cognition).", ""]
     for model in report["models"]:
         lines.append(f"- **{model['label']}**: {model['kind']} `{model['path']}` ({describe(model)}, "
                      f"tower {model.get('tower_kind')})")
@@ -57,6 +57,14 @@ def markdown_report(report: Dict[str, Any]) -> str:
     for name, info in report["benchmarks"].items():
         lines.append(f"- {name}: {info['questions']} questions, max_new_tokens {info['max_new_tokens']}, "
                      f"from {', '.join(f'{k} `{v}`' for k, v in info['source'].items())}")
+    for label, benchmarks in report.get("results", {}).items():  # what a benchmark could not score, and why
+        for name, result in benchmarks.items():
+            note = result.get("details", {}).get("note")
+            if note:
+                lines.append(f"- {label} / {name}: {note}" + (f"; answers in `{result['submission']}`"
+                                                             if result.get("submission") else ""))
+            if result.get("details", {}).get("grader_models"):
+                lines.append(f"- {label} / {name}: graded by {', '.join(result['details']['grader_models'])}")
     if report["settings"].get("limit"):
         lines.append(f"- limited to the first {report['settings']['limit']} questions per benchmark part "
                      "(POPE split, MME subtask): a quick subset, not the benchmark's score")

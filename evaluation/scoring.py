@@ -2,8 +2,9 @@
 
 The input is exactly what ``eval.json`` stores for each model and benchmark (``Question.entry``:
 id, group, image, prompt, prediction and the ground truth), so anyone can recompute a table
-from the saved file. Metric names read ``benchmark/part/metric``; POPE, TextVQA and the
-synthetic set are in percent, MME in its own points (acc + acc+ per subtask, summed).
+from the saved file. Metric names read ``benchmark/part/metric``; POPE, TextVQA, MMMU, MM-Vet
+and the synthetic set are in percent, MME in its own points (acc + acc+ per subtask, summed).
+MM-Vet's entries carry their grader's grades (``grader.py``); without them it has no score.
 """
 
 from __future__ import annotations
@@ -98,8 +99,62 @@ def score_synthetic(entries: Entries) -> Scores:
     return scores
 
 
+def _slug(name: str) -> str:
+    return name.lower().replace(" and ", "_and_").replace(" ", "_").replace("&", "and")
+
+
+def score_mmmu(entries: Entries) -> Scores:
+    """MMMU as its repo's main_eval_only.py scores it: each response parsed (a letter for a
+    multiple-choice question, candidate answers for an open one) and judged, accuracy per
+    subject, per discipline and overall (question-weighted). The random letter the reference
+    falls back on is fixed per question (``metrics.mmmu_parse_choice``)."""
+    judged = {e["id"]: m.mmmu_judge(e["question_type"], e["answer"], e["options"], e["prediction"], e["id"])
+              for e in entries}
+    groups = _by_group(entries)
+    order = [s for s in m.MMMU_SUBJECTS if s in groups] + sorted(set(groups) - set(m.MMMU_SUBJECTS))
+    result = m.mmmu_accuracy({s: [judged[e["id"]]["correct"] for e in groups[s]] for s in order})
+    scores = Scores(details={
+        **result, "per_question": judged,
+        "random_fallbacks": sum(j["how"] == "random" for j in judged.values()),
+        # The model is shown image_1 only (the MMMU repo's LLaVA run): how many questions had more.
+        "multi_image_questions": sum(e.get("images", 1) > 1 for e in entries)})
+    scores.add("mmmu/overall/accuracy", 100 * result["overall"]["accuracy"])
+    for discipline, block in result["disciplines"].items():
+        scores.add(f"mmmu/{_slug(discipline)}/accuracy", 100 * block["accuracy"])
+    for subject, block in result["subjects"].items():
+        scores.add(f"mmmu/{subject}/accuracy", 100 * block["accuracy"])
+    scores.add("mmmu/questions", result["overall"]["questions"], "")
+    # Answers nothing could be read from, scored by a random letter (as the reference does): a
+    # weak model's accuracy may be mostly these, so the table shows how many there were.
+    scores.add("mmmu/random_fallbacks", scores.details["random_fallbacks"], "")
+    return scores
+
+
+def score_mmvet(entries: Entries) -> Scores:
+    """MM-Vet from the grades saved in the entries (``grader.grade_entries``): the total and the
+    per-capability scores of mm-vet_evaluator.py (``metrics.mmvet_scores``). Without a grade for
+    every answer there is no score: only the counts, and a note saying why."""
+    graded = [e for e in entries if isinstance(e.get("grade"), (int, float))]
+    details: Dict[str, Any] = {"graded": len(graded),
+                               "grader_models": sorted({str(e.get("grader_model")) for e in graded})}
+    scores = Scores(details=details)
+    if entries and len(graded) == len(entries):
+        result = m.mmvet_scores((e["capability"], float(e["grade"])) for e in entries)
+        details.update(result)
+        scores.add("mmvet/total", result["total"]["score"])
+        for capability, block in result["capabilities"].items():
+            scores.add(f"mmvet/{capability}", block["score"])
+    else:
+        details["note"] = (f"not scored: {len(graded)} of {len(entries)} answers graded (MM-Vet needs a GPT grader: "
+                           "--grader-url, or the official evaluator on the submission file)")
+    scores.add("mmvet/questions", len(entries), "")
+    scores.add("mmvet/graded", len(graded), "")
+    return scores
+
+
 SCORERS: Dict[str, Callable[[Entries], Scores]] = {
     "pope": score_pope, "textvqa": score_textvqa, "mme": score_mme, "synthetic": score_synthetic,
+    "mmmu": score_mmmu, "mmvet": score_mmvet,
 }
 
 

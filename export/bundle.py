@@ -31,9 +31,15 @@ from typing import Optional
 import numpy as np
 
 from ftz_edge import DEFAULT_MODEL
+from ftz_edge import precision as precision_names
 from ftz_edge.atomic import DestinationError, atomic_folder, check_destination, work_folder
-from ftz_edge.manifest import check_replaceable, write_manifest
-from ftz_edge.preprocess import ImageLoadError, encoder_pixels, load_image
+from ftz_edge.cli.args import DataclassOptions, OneLineParser
+from ftz_edge import prompt as prompt_format
+from ftz_edge.manifest import (
+    BundleManifest, EncoderShape, EncodersSection, LLMSection, PreprocessSection, PromptSection, TensorRTEngine,
+    TensorSpec, ValidationSection, VisionSection, check_replaceable, write_manifest,
+)
+from ftz_edge.preprocess import ANCHOR_INPUT, AUGMENTER_INPUT, ImageLoadError, encoder_pixels, load_image
 
 logger = logging.getLogger("ftz_edge.export")
 DEFAULT_CHECKPOINT = DEFAULT_MODEL
@@ -44,44 +50,68 @@ class ExportError(RuntimeError):
     """Bad input or an impossible request: one clear line, nothing written."""
 
 
+ENGINES = ("onnx", "trt", "auto")
+LLM_PROVIDER_NAMES = ("cpu", "cuda")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+SENSITIVITY_MODES = ("auto", "blocks", "kinds", "off")
+
+
+def _option(default, help: Optional[str] = None, choices=None, **kwargs):
+    """A field of ExportOptions with its ``ftz-export`` option's help and choices (ftz_edge.cli.args)."""
+    metadata = {k: v for k, v in (("help", help), ("choices", choices)) if v is not None}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class ExportOptions:
-    checkpoint: str = str(DEFAULT_CHECKPOINT)
-    out: str = "ftz-bundle"
-    engine: str = "auto"  # onnx | trt | auto
-    precision: str = "fp16"  # vision: fp32 | fp16 | int8
-    llm_precision: str = "int4"  # fp32 | fp16 | int8 | int4
-    llm_provider: Optional[str] = None  # cpu | cuda; default: what the precision is built for first
-    calib_images: Optional[str] = None  # default: the shipped default model's calibration images
-    calib_method: str = "minmax"  # minmax | entropy | percentile (entropy was unstable on ViTs here: README)
+    """Everything ``ftz-export`` is run with; its command line is generated from these fields
+    (``main``), the help and choices from their metadata."""
+
+    checkpoint: str = _option(str(DEFAULT_CHECKPOINT), "FtZ checkpoint folder (default: the shipped default model)")
+    out: str = _option("ftz-bundle", "bundle folder to write (replaced atomically)")
+    engine: str = _option("auto", "auto: TensorRT when importable and a GPU is present, else ONNX Runtime", ENGINES)
+    precision: str = _option(precision_names.DEFAULT_VISION_PRECISION, "vision tower precision",
+                             precision_names.VISION_PRECISIONS)
+    llm_precision: str = _option(precision_names.DEFAULT_LLM_PRECISION, "LLM decoder precision",
+                                 precision_names.LLM_PRECISIONS)
+    # default: what the precision is built for first (ftz_edge.precision.LLM_PROVIDERS)
+    llm_provider: Optional[str] = _option(None, "execution provider the LLM is built for", LLM_PROVIDER_NAMES)
+    # default: the shipped default model's calibration images
+    calib_images: Optional[str] = _option(None, "folder of real images for INT8 calibration and validation")
+    # entropy was unstable on ViTs here (README)
+    calib_method: str = _option("minmax", None, CALIB_METHODS)
     max_calib_images: int = 64
     # Parity against PyTorch runs on the first N calibration images (batch 1 and batch N): enough
     # to catch a broken graph, and bounded at the paper's size, where each image through the
     # PyTorch fp32 tower and every ONNX form costs seconds on a small CPU.
-    validation_images: int = 8
+    validation_images: int = _option(8, "calibration images the parity checks run on (batch 1 and batch N)")
     # Per-block INT8 sensitivity report: "blocks" (one row per layer / module), "kinds" (one row
     # per kind of block: coarse and ~8x cheaper), "off", or "auto": blocks for graphs under
     # protobuf's 2 GB, off above (each row re-quantizes the whole graph: ~1 h for the paper-size tower).
-    sensitivity: str = "auto"
+    sensitivity: str = _option("auto", "INT8 sensitivity report: per block, per kind of block, off; auto: blocks "
+                                       "under 2 GB, off above", SENSITIVITY_MODES)
     # The FtZ fusion modules stay in FP16 by default: on the shipped model they were the blocks
     # INT8 hurt most (reports/int8_sensitivity.md), and they are a small share of the FLOPs.
-    int8_quantize_fusion: bool = False
+    int8_quantize_fusion: bool = _option(False, "quantize the FtZ fusion modules too (default: they stay in FP16)")
     # --precision int8 also writes the CPU form of the tower (ONNX Runtime dynamic INT8, float
     # parts FP32): the Q/DQ graph is TensorRT's form and the slowest INT8 form on a CPU.
-    cpu_int8: bool = True
+    cpu_int8: bool = _option(True, "with --precision int8, skip the CPU form of the tower (vision/vision.cpu-int8.onnx: "
+                                   "ONNX Runtime dynamic INT8, what a CPU-only runtime loads)")
     batch_min: int = 1
     batch_opt: int = 1
     batch_max: int = 8
     workspace_gb: float = 2.0
-    timing_cache: Optional[str] = None
-    strict: bool = False
+    timing_cache: Optional[str] = _option(None, "TensorRT timing cache file, reused across builds")
+    strict: bool = _option(False, "a missed parity target is an error, not a warning")
 
     def __post_init__(self) -> None:
-        for name, allowed in (("engine", ("onnx", "trt", "auto")), ("precision", ("fp32", "fp16", "int8")),
-                              ("calib_method", ("minmax", "entropy", "percentile")),
-                              ("sensitivity", ("auto", "blocks", "kinds", "off"))):
-            if getattr(self, name) not in allowed:
-                raise ExportError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # the same choices the command line offers
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed is not None and not (value is None and f.default is None):
+                try:
+                    precision_names.parse(value, allowed, f"--{f.name.replace('_', '-')}")
+                except precision_names.PrecisionError as err:
+                    raise ExportError(str(err)) from None
         for name in ("max_calib_images", "validation_images"):
             if getattr(self, name) < 1:
                 raise ExportError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -133,14 +163,33 @@ def _eos_token_ids(model) -> list[int]:
     return sorted({model.tokenizer.eos_token_id, *configured} - {None})
 
 
-def _io_spec(path: Path) -> dict:
+def _io_spec(path: Path) -> dict[str, tuple[TensorSpec, ...]]:
+    """The graph's inputs and outputs (``inputs``, ``outputs``): name, numpy dtype, shape (a
+    dynamic axis by its name)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     def describe(values):
-        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+        return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values)
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _encoder_shapes(vision, shapes: dict[str, tuple[int, int, int]]) -> EncodersSection:
+    """Each encoder's size as exported (ftz-doctor's memory budget reads it): tokens per image at
+    the exported input size, layer width, MLP width, heads, and the layers the graph runs."""
+    def shape(encoder, input_name: str, layers_run: int, registers: int = 0) -> EncoderShape:
+        config = encoder.config
+        _, height, width = shapes[input_name]
+        mlp = getattr(config, "intermediate_size", None) or int(config.hidden_size * config.mlp_ratio)  # DINOv2: a ratio
+        return EncoderShape(tokens=(height // config.patch_size) * (width // config.patch_size) + 1 + registers,
+                            hidden_size=config.hidden_size, intermediate_size=mlp,
+                            num_attention_heads=config.num_attention_heads, num_layers=layers_run)
+
+    augmenter = None
+    if vision.augmenter is not None:
+        augmenter = shape(vision.augmenter, AUGMENTER_INPUT, vision.augmenter_depth, vision.augmenter_registers)
+    return EncodersSection(anchor=shape(vision.anchor, ANCHOR_INPUT, vision.anchor_depth), augmenter=augmenter)
 
 
 def _tool_versions() -> dict[str, Optional[str]]:
@@ -230,7 +279,7 @@ def _validate_cpu_int8(path: Path, torch_vision, pixels: dict[str, np.ndarray], 
     for size in sorted({1, batch}):
         exported = session.run(None, {name: value[:size] for name, value in pixels.items()})[0]
         result = compare(exported, reference[:size])
-        row = {"precision": "int8", "evaluated": CPU_INT8_EVALUATED, "batch": size, "cosine": result["cosine"],
+        row = {"precision": precision_names.INT8, "evaluated": CPU_INT8_EVALUATED, "batch": size, "cosine": result["cosine"],
                "max_abs": result["max_abs"], "target": target, "ok": result["cosine"] >= target}
         report.vision.append(row)
         if not row["ok"]:
@@ -269,10 +318,11 @@ def export_bundle(options: ExportOptions) -> Path:
     report = ValidationReport()
     started = time.perf_counter()
 
-    stage = _Stages(["tower export (fp32 ONNX)", {"fp32": "tower copy", "fp16": "FP16 conversion",
-                                                  "int8": "INT8 calibration and quantization"}[options.precision],
-                     *(["INT8 sensitivity report"] if options.precision == "int8" else []),
-                     *([CPU_INT8_STAGE] if options.precision == "int8" and options.cpu_int8 else []), "tower validation",
+    fp32, fp16, int8 = precision_names.VISION_PRECISIONS
+    stage = _Stages(["tower export (fp32 ONNX)", {fp32: "tower copy", fp16: "FP16 conversion",
+                                                  int8: "INT8 calibration and quantization"}[options.precision],
+                     *(["INT8 sensitivity report"] if options.precision == int8 else []),
+                     *([CPU_INT8_STAGE] if options.precision == int8 and options.cpu_int8 else []), "tower validation",
                      *(["TensorRT engine build and check"] if engine == "trt" else []),
                      f"LLM build ({options.llm_precision}, {llm_provider})", "LLM validation"])
     with atomic_folder(out, check_replaceable, "an ftz bundle") as bundle, work_folder("ftz-export-") as work:
@@ -286,10 +336,10 @@ def export_bundle(options: ExportOptions) -> Path:
         precision_info: dict = {}
         cpu_path: Optional[Path] = None
         cpu_info: Optional[dict] = None
-        if options.precision == "fp32":
+        if options.precision == fp32:
             with stage("tower copy"):
                 onnx_io.copy(fp32_path, vision_path)  # with its weights file, when it has one
-        elif options.precision == "fp16":
+        elif options.precision == fp16:
             with stage("FP16 conversion"):
                 precision_info = quantize.convert_fp16(fp32_path, vision_path)
         else:
@@ -318,7 +368,7 @@ def export_bundle(options: ExportOptions) -> Path:
             checked = {name: value[:options.validation_images] for name, value in pixels.items()}
             validate_vision(vision_path, model.vision, checked, options.precision, report)
             if cpu_path is not None:
-                _validate_cpu_int8(cpu_path, model.vision, checked, report, VISION_TARGETS["int8"])
+                _validate_cpu_int8(cpu_path, model.vision, checked, report, VISION_TARGETS[int8])
 
         engine_entry = None
         if engine == "trt":
@@ -330,7 +380,7 @@ def export_bundle(options: ExportOptions) -> Path:
                     timing_cache_path=Path(options.timing_cache) if options.timing_cache else None,
                 )
                 record = tensorrt.build_engine(spec)
-                engine_entry = {"file": "vision/vision.engine", "record": record.to_dict()}
+                engine_entry = TensorRTEngine(file="vision/vision.engine", record=record.to_dict())
                 # The engine itself, against onnxruntime fp32 on the same images: TensorRT 10.3
                 # (JetPack 6) has given wrong FP16 ViT results (NVIDIA/TensorRT#4419, #4330).
                 row = tensorrt.check_engine(spec.engine_path, fp32_path, checked, options.precision,
@@ -361,77 +411,57 @@ def export_bundle(options: ExportOptions) -> Path:
         if options.strict and not report.passed:
             raise ExportError("validation targets missed (--strict): " + "; ".join(report.warnings))
 
-        tower = model.config.tower
-        write_manifest(bundle, {
-            "vision": {
-                "file": "vision/vision.onnx", "engine": engine, "precision": options.precision,
-                **_io_spec(vision_path), "dynamic_axes": {name: {"0": "batch"} for name in [*shapes, "image_embeds"]},
-                "num_image_tokens": model.vision.num_image_tokens, "tower_kind": tower.kind,
-                "fusion_layers": model.vision.fusion_layers,
-                "layers_in_graph": {k: sorted(v) for k, v in present.items()},
-                "precision_details": precision_info, "tensorrt": engine_entry,
-                **({"cpu_file": f"vision/{CPU_INT8_FILE}", "cpu_precision_details": cpu_info} if cpu_path else {}),
-            },
-            "llm": {**llm_info, "folder": "llm", **_io_spec(bundle / "llm" / "model.onnx")},
-            "preprocess": {"anchor": model.anchor_spec.to_dict(),
-                           "augmenter": model.augmenter_spec.to_dict() if model.augmenter_spec else None},
-            "prompt": {"chat_template": model.chat_template, "fallback_template_used": not getattr(model.tokenizer, "chat_template", None),
-                       **model.special_tokens, "eos_token_ids": eos_ids, "pad_token_id": model.tokenizer.pad_token_id,
-                       "image_placeholder": "<image>", "image_token_id": -200, "tokenizer": "llm/tokenizer.json",
-                       "max_length": model.config.max_length},
-            "provenance": {"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
-                           "tools": _tool_versions(), "options": dataclasses.asdict(options),
-                           "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),
-                           "stage_seconds": stage.seconds, "peak_rss_gib": round(_peak_rss_gib(), 2),
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            "validation": {"file": "reports/validation.json", "passed": report.passed},
-        })
+        llm_config = model.llm.config
+        write_manifest(bundle, BundleManifest(
+            vision=VisionSection(
+                file="vision/vision.onnx", engine=engine, precision=options.precision, **_io_spec(vision_path),
+                num_image_tokens=model.vision.num_image_tokens, tower_kind=model.config.tower.kind,
+                fusion_layers=model.vision.fusion_layers, tensorrt=engine_entry,
+                cpu_file=f"vision/{CPU_INT8_FILE}" if cpu_path else None, encoders=_encoder_shapes(model.vision, shapes),
+                layers_in_graph={k: sorted(v) for k, v in present.items()},
+                precision_details=precision_info, cpu_precision_details=cpu_info if cpu_path else None),
+            llm=LLMSection(**llm_info, folder="llm", **_io_spec(bundle / "llm" / "model.onnx"),
+                           num_attention_heads=getattr(llm_config, "num_attention_heads", None),
+                           intermediate_size=getattr(llm_config, "intermediate_size", None)),
+            preprocess=PreprocessSection(anchor=model.anchor_spec, augmenter=model.augmenter_spec),
+            prompt=PromptSection(
+                chat_template=model.chat_template, bos_token=model.special_tokens["bos_token"],
+                eos_token=model.special_tokens["eos_token"], eos_token_ids=eos_ids, tokenizer="llm/tokenizer.json",
+                max_length=model.config.max_length, image_placeholder=prompt_format.IMAGE_PLACEHOLDER,
+                image_token_id=prompt_format.IMAGE_TOKEN_ID, pad_token_id=model.tokenizer.pad_token_id,
+                fallback_template_used=not getattr(model.tokenizer, "chat_template", None)),
+            provenance={"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
+                        "tools": _tool_versions(), "options": dataclasses.asdict(options),
+                        "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),
+                        "stage_seconds": stage.seconds, "peak_rss_gib": round(_peak_rss_gib(), 2),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            validation=ValidationSection(file="reports/validation.json", passed=report.passed),
+        ))
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    defaults = ExportOptions()
-    parser = argparse.ArgumentParser(prog="ftz-export", description="FtZ checkpoint -> validated ONNX / TensorRT bundle.")
-    parser.add_argument("--checkpoint", default=defaults.checkpoint, help="FtZ checkpoint folder (default: the shipped default model)")
-    parser.add_argument("--out", default=defaults.out, help="bundle folder to write (replaced atomically)")
-    parser.add_argument("--engine", default=defaults.engine, choices=("onnx", "trt", "auto"),
-                        help="auto: TensorRT when importable and a GPU is present, else ONNX Runtime")
-    parser.add_argument("--precision", default=defaults.precision, choices=("fp32", "fp16", "int8"), help="vision tower precision")
-    parser.add_argument("--llm-precision", default=defaults.llm_precision, choices=sorted(("fp32", "fp16", "int8", "int4")))
-    parser.add_argument("--llm-provider", choices=("cpu", "cuda"), help="execution provider the LLM is built for")
-    parser.add_argument("--calib-images", help="folder of real images for INT8 calibration and validation")
-    parser.add_argument("--calib-method", default=defaults.calib_method, choices=("minmax", "entropy", "percentile"))
-    parser.add_argument("--max-calib-images", type=int, default=defaults.max_calib_images)
-    parser.add_argument("--validation-images", type=int, default=defaults.validation_images,
-                        help="calibration images the parity checks run on (batch 1 and batch N)")
-    parser.add_argument("--sensitivity", default=defaults.sensitivity, choices=("auto", "blocks", "kinds", "off"),
-                        help="INT8 sensitivity report: per block, per kind of block, off; auto: blocks under 2 GB, off above")
+def export_parser() -> tuple[argparse.ArgumentParser, DataclassOptions]:
+    """ftz-export's command line: one option per ExportOptions field (``--no-cpu-int8`` for
+    ``cpu_int8``), plus ``--no-sensitivity``; and what turns the parse back into ExportOptions."""
+    parser = OneLineParser(prog="ftz-export", description="FtZ checkpoint -> validated ONNX / TensorRT bundle.")
+    fields = DataclassOptions(ExportOptions)
+    fields.add_to(parser)
     parser.add_argument("--no-sensitivity", action="store_true", help="same as --sensitivity off")
-    parser.add_argument("--int8-quantize-fusion", action="store_true",
-                        help="quantize the FtZ fusion modules too (default: they stay in FP16)")
-    parser.add_argument("--no-cpu-int8", action="store_true",
-                        help="with --precision int8, skip the CPU form of the tower (vision/vision.cpu-int8.onnx: "
-                             "ONNX Runtime dynamic INT8, what a CPU-only runtime loads)")
-    parser.add_argument("--batch-min", type=int, default=defaults.batch_min)
-    parser.add_argument("--batch-opt", type=int, default=defaults.batch_opt)
-    parser.add_argument("--batch-max", type=int, default=defaults.batch_max)
-    parser.add_argument("--workspace-gb", type=float, default=defaults.workspace_gb)
-    parser.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds")
-    parser.add_argument("--strict", action="store_true", help="a missed parity target is an error, not a warning")
+    return parser, fields
+
+
+def options_from_args(fields: DataclassOptions, args: argparse.Namespace) -> ExportOptions:
+    return fields.build(args, **({"sensitivity": "off"} if args.no_sensitivity else {}))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser, fields = export_parser()
     args = parser.parse_args(argv)
     # Our own progress at INFO; the libraries' (exporter passes, quantizer steps) only if they warn.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)
     try:
-        options = ExportOptions(
-            checkpoint=args.checkpoint, out=args.out, engine=args.engine, precision=args.precision,
-            llm_precision=args.llm_precision, llm_provider=args.llm_provider, calib_images=args.calib_images,
-            calib_method=args.calib_method, max_calib_images=args.max_calib_images,
-            validation_images=args.validation_images, sensitivity="off" if args.no_sensitivity else args.sensitivity,
-            int8_quantize_fusion=args.int8_quantize_fusion, cpu_int8=not args.no_cpu_int8,
-            batch_min=args.batch_min, batch_opt=args.batch_opt, batch_max=args.batch_max, workspace_gb=args.workspace_gb,
-            timing_cache=args.timing_cache, strict=args.strict,
-        )
+        options = options_from_args(fields, args)
         out = export_bundle(options)
     except Exception as err:  # every failure is one line; --strict or bad input leaves nothing behind
         from ftz_edge.export.llm import LlmExportError
@@ -459,16 +489,17 @@ def summary(bundle: Path) -> str:
 
     manifest = read_manifest(bundle, verify=False)
     sizes: dict[str, int] = {}
-    for relative, entry in manifest["files"].items():
+    for relative, entry in manifest.files.items():
         part = relative.split("/", 1)[0] if "/" in relative else "."
-        sizes[part] = sizes.get(part, 0) + entry["bytes"]
-    vision, llm = manifest["vision"], manifest["llm"]
-    rows = [("vision", f"{vision['precision']} ({vision['engine']})", sizes.get("vision", 0)),
-            ("llm", f"{llm['precision']} ({llm['execution_provider']})", sizes.get("llm", 0)),
+        sizes[part] = sizes.get(part, 0) + entry.bytes
+    vision, llm = manifest.vision, manifest.llm
+    rows = [("vision", f"{vision.precision} ({vision.engine})", sizes.get("vision", 0)),
+            ("llm", f"{llm.precision} ({llm.execution_provider})", sizes.get("llm", 0)),
             ("reports", "", sizes.get("reports", 0))]
     lines = ["| part | precision | size |", "|---|---|---:|"]
     lines += [f"| {name} | {what} | {size / 1e6:,.1f} MB |" for name, what, size in rows]
-    lines.append(f"| total | validation {'passed' if manifest['validation']['passed'] else 'has warnings'} | "
+    passed = manifest.validation is not None and manifest.validation.passed
+    lines.append(f"| total | validation {'passed' if passed else 'has warnings'} | "
                  f"{sum(sizes.values()) / 1e6:,.1f} MB |")
     return "\n".join(lines)
 

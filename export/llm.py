@@ -20,12 +20,12 @@ from typing import Optional
 
 import numpy as np
 
+from ftz_edge import precision as precision_names
 from ftz_edge.atomic import work_folder  # scratch folders that a killed export does not leak
 
-# What the builder can make, per precision: the execution providers allowed. Its own table also
-# lists fp32 for cuda, but that graph does not load in onnxruntime ("Graph output (present.0.key)
-# does not exist", onnxruntime-genai 0.18), so it is refused here.
-BUILDER_TARGETS = {"fp32": ("cpu",), "fp16": ("cuda",), "int8": ("cpu", "cuda"), "int4": ("cpu", "cuda")}
+# What the builder can make, per precision: the execution providers allowed (the vocabulary's
+# table, which says why fp32 for cuda is left out).
+BUILDER_TARGETS = precision_names.LLM_PROVIDERS
 
 # The oldest onnxruntime the decoder loads in once its GroupQueryAttention inputs are trimmed
 # (JetPack 6's onnxruntime-gpu wheels start at 1.22; CI runs the runtime on 1.22.1:
@@ -33,7 +33,7 @@ BUILDER_TARGETS = {"fp32": ("cpu",), "fp16": ("cuda",), "int8": ("cpu", "cuda"),
 MIN_ONNXRUNTIME = "1.22"
 GQA_MAX_INPUTS_1_22 = 11
 # Targets the builder makes but onnxruntime cannot load, and why (check_target says so).
-UNLOADABLE = {("fp32", "cuda"): "its fp32 graph for CUDA does not load in onnxruntime"}
+UNLOADABLE = {(precision_names.FP32, "cuda"): "its fp32 graph for CUDA does not load in onnxruntime"}
 LM_HEAD_OPS = ("MatMul", "MatMulNBits")  # fp32/fp16: MatMul; int4/int8: MatMulNBits (block-wise weights)
 
 
@@ -46,8 +46,7 @@ def default_provider(precision: str) -> str:
 
 
 def check_target(precision: str, provider: str) -> None:
-    if precision not in BUILDER_TARGETS:
-        raise ValueError(f"LLM precision must be one of {sorted(BUILDER_TARGETS)}, got {precision!r}")
+    precision_names.parse(precision, BUILDER_TARGETS, "LLM precision")  # a ValueError listing the names
     if provider not in BUILDER_TARGETS[precision]:
         why = UNLOADABLE.get((precision, provider), "ONNX Runtime GenAI's model builder")
         raise ValueError(f"LLM precision {precision} can be built for {', '.join(BUILDER_TARGETS[precision])}, "
@@ -56,7 +55,7 @@ def check_target(precision: str, provider: str) -> None:
 
 def embeddings_dtype(precision: str):
     """fp32 decoders keep the embedding table exact; the others halve its size (it is only looked up)."""
-    return np.float32 if precision == "fp32" else np.float16
+    return np.float32 if precision == precision_names.FP32 else np.float16
 
 
 def run_builder(hf_folder: Path, out: Path, precision: str, provider: str) -> None:

@@ -36,6 +36,7 @@ import onnx
 from ftz_edge.atomic import work_folder  # scratch folders that a killed export does not leak
 from ftz_edge.export import onnx_io
 from ftz_edge.export.vision import node_module
+from ftz_edge.precision import FP16, FP32, INT8
 
 ModelLike = Union[str, Path, onnx.ModelProto]
 
@@ -148,7 +149,7 @@ def convert_fp16(src: Path, dst: Path, keep_fp32_op_types: Sequence[str] = DEFAU
     fp16_inits = sum(1 for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     fp32_inits = sum(1 for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     return {
-        "precision": "fp16",
+        "precision": FP16,
         "converter": convert.__module__,
         "keep_io_types": True,
         "fp32_op_types": sorted(kept),       # op types present in the graph and kept in FP32
@@ -600,7 +601,7 @@ def quantize_int8(
 
             high_precision = qdq_to_fp16_high_precision(qdq_fp32, dst)
     return {
-        "precision": "int8",
+        "precision": INT8,
         "format": "QDQ",
         "calibration_method": method,
         "calibrator_options": calib.options,
@@ -611,7 +612,7 @@ def quantize_int8(
         "pre_process": pre,
         "quantized_nodes": quantized,
         "excluded_nodes": exclude,
-        "high_precision": "fp16" if fp16_high_precision else "fp32",
+        "high_precision": FP16 if fp16_high_precision else FP32,
         "high_precision_details": high_precision,
         "bytes": onnx_io.total_bytes(dst),
     }
@@ -784,7 +785,7 @@ def quantize_int8_cpu(
     not_quantized = [n for n in anatomy.nodes if n in remaining and n not in excluded]
     ops = Counter(node.op_type for node in out.graph.node)
     return {
-        "precision": "int8",
+        "precision": INT8,
         "format": "dynamic (QOperator: DynamicQuantizeLinear + MatMulInteger)",
         "quantizer": "onnxruntime.quantization.quantize_dynamic",
         "activations": "uint8, asymmetric, per tensor, quantized at run time",
@@ -792,7 +793,7 @@ def quantize_int8_cpu(
                    f"{', 7-bit (reduce_range)' if reduce_range else ''}",
         "per_channel": per_channel,
         "reduce_range": reduce_range,
-        "high_precision": "fp32",
+        "high_precision": FP32,
         "policy": asdict(policy),
         "quantized_nodes": quantized,
         "excluded_nodes": exclude,

@@ -31,9 +31,10 @@ import numpy as np
 # GPU, TensorRT and engine-record checks live in the runtime (the device side needs them without
 # this export package); re-exported here for the builder and its callers.
 from ftz_edge.runtime.device import MIN_TENSORRT_MAJOR, cuda_device, cudart, engine_compatible  # noqa: F401
+from ftz_edge.precision import parse_vision
 from ftz_edge.runtime.device import import_tensorrt as _import_tensorrt
+from ftz_edge.runtime.device import tensorrt_major
 
-PRECISIONS = ("fp16", "int8", "fp32")
 logger = logging.getLogger("ftz_edge.export.tensorrt")
 INSTALL_HINT = ("Jetson: sudo apt install python3-libnvinfer and make the venv with --system-site-packages; "
                 "desktop: pip install tensorrt --extra-index-url https://pypi.nvidia.com; or use --engine onnx")
@@ -89,8 +90,7 @@ class EngineBuildSpec:
         self.onnx_path, self.engine_path = Path(self.onnx_path), Path(self.engine_path)
         if self.timing_cache_path is not None:
             self.timing_cache_path = Path(self.timing_cache_path)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        parse_vision(self.precision, "precision")  # a ValueError listing the names
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
             raise ValueError(f"batch sizes need 1 <= min <= opt <= max, got min={self.batch_min} "
                              f"opt={self.batch_opt} max={self.batch_max}")
@@ -225,7 +225,7 @@ def build_engine(spec: EngineBuildSpec) -> EngineRecord:
     trt, why = _import_tensorrt()
     if trt is None:
         raise TensorRTUnavailable(f"building an engine needs TensorRT ({why}). {INSTALL_HINT}")
-    if int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
+    if (tensorrt_major(trt.__version__) or 0) < MIN_TENSORRT_MAJOR:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: strongly typed builds need >= 10 (JetPack 6+)")
     if not spec.onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX at {spec.onnx_path}")

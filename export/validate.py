@@ -17,9 +17,11 @@ import torch
 
 from ftz_edge import prompt
 from ftz_edge.export.quantize import compare
+from ftz_edge.precision import FP16, FP32, INT8, VISION_PRECISIONS
 
-# Minimum cosine of image embeddings against PyTorch fp32, per precision.
-VISION_TARGETS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+# Minimum cosine of image embeddings against PyTorch fp32, per precision (one for each of VISION_PRECISIONS).
+VISION_TARGETS = {FP32: 0.9999, FP16: 0.999, INT8: 0.99}
+assert tuple(VISION_TARGETS) == VISION_PRECISIONS
 LLM_STEPS = 32
 VALIDATION_QUESTION = "What is in the image? Describe it."
 
@@ -65,8 +67,8 @@ def validate_vision(session_path: Path, torch_vision, pixels: dict[str, np.ndarr
     with torch.no_grad():
         reference = torch_vision.float()(*[torch.from_numpy(v) for v in pixels.values()]).numpy()
     batch = next(iter(pixels.values())).shape[0]
-    evaluations = [("as written" if precision == "int8" else "onnxruntime", cpu_session(session_path, optimize=precision != "int8"))]
-    if precision == "int8":
+    evaluations = [("as written" if precision == INT8 else "onnxruntime", cpu_session(session_path, optimize=precision != INT8))]
+    if precision == INT8:
         evaluations.append(("onnxruntime CPU int8 kernels", cpu_session(session_path, optimize=True)))
     for how, session in evaluations:
         judged = how != "onnxruntime CPU int8 kernels"
@@ -97,7 +99,7 @@ def validate_llm(decoder, model, image, precision: str, report: ValidationReport
             break
         prefix += 1
     identical = exported == reference
-    must_match = precision == "fp32"
+    must_match = precision == FP32
     report.llm = {"precision": precision, "steps": max(len(reference), len(exported)), "matching_prefix": prefix,
                   "identical": identical, "target_identical": must_match, "ok": identical or not must_match,
                   "exported_tokens": exported, "reference_tokens": reference}

@@ -1,8 +1,9 @@
 """LLaVA-style multimodal LM: image embeddings spliced into any Hugging Face causal LM.
 
-Token ids carry ``IMAGE_TOKEN_ID`` (-200) where an image goes (ftz_edge.prompt); each such id
-is replaced by the vision model's ``num_image_tokens`` embeddings, images consumed in order.
-Labels at image positions are -100 (never predicted).
+Token ids carry ``num_image_tokens`` copies of ``IMAGE_TOKEN_ID`` (-200) where an image goes
+(``ftz_edge.prompt.tokenize``): one position per image embedding. The splice scatters the
+vision model's embeddings into those positions, images in order (the rule the runtime's numpy
+splice follows). Labels at image positions are -100 (never predicted).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FtZForCausalLM(nn.Module):
 
     def encode_conversation(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         text = prompt.render_chat(messages, self.chat_template, self.special_tokens, add_generation_prompt)
-        return prompt.tokenize(text, self.tokenizer.backend_tokenizer)
+        return prompt.tokenize(text, self.tokenizer.backend_tokenizer, num_image_tokens=self.vision.num_image_tokens)
 
     def preprocess_images(self, images: Sequence) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """PIL images or paths -> (anchor_pixels, augmenter_pixels) with the shared preprocessing."""
@@ -94,38 +95,40 @@ class FtZForCausalLM(nn.Module):
         labels: Optional[Sequence[Sequence[int]]] = None,
         padding_side: str = "right",
     ) -> dict[str, torch.Tensor]:
-        """Ragged token id lists (with IMAGE_TOKEN_ID) -> padded ``inputs_embeds``, mask, labels."""
+        """Ragged token id lists (``num_image_tokens`` IMAGE_TOKEN_IDs per image, as
+        ``encode_conversation`` gives them) -> padded ``inputs_embeds``, mask, labels."""
         embed = self.llm.get_input_embeddings()
         device = embed.weight.device
-        num_images = sum(list(ids).count(prompt.IMAGE_TOKEN_ID) for ids in input_ids)
+        tokens_per_image = self.vision.num_image_tokens
+        rows = [torch.as_tensor(list(ids), dtype=torch.long, device=device) for ids in input_ids]
+        positions = sum(int((ids == prompt.IMAGE_TOKEN_ID).sum()) for ids in rows)
         given = 0 if anchor_pixels is None else anchor_pixels.shape[0]
-        if num_images != given:
-            raise ValueError(f"the prompts hold {num_images} <image> placeholders but {given} images were given")
-        image_embeds = None
-        if num_images:
+        prompt.check_image_positions(positions, given, tokens_per_image)
+        image_rows = None
+        if given:
             image_embeds = self.vision(anchor_pixels.to(device), None if augmenter_pixels is None else augmenter_pixels.to(device))
-            image_embeds = image_embeds.to(embed.weight.dtype)
+            if image_embeds.shape[1] != tokens_per_image:
+                raise ValueError(f"the vision model gave {image_embeds.shape[1]} tokens per image, "
+                                 f"not its num_image_tokens {tokens_per_image}")
+            image_rows = image_embeds.to(embed.weight.dtype).reshape(-1, image_embeds.shape[-1])
 
-        sequences, sequence_labels, next_image = [], [], 0
-        for row, ids in enumerate(input_ids):
-            ids = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-            row_labels = None if labels is None else torch.as_tensor(list(labels[row]), dtype=torch.long, device=device)
+        sequences, sequence_labels, next_row = [], [], 0
+        for row, ids in enumerate(rows):
             is_image = ids == prompt.IMAGE_TOKEN_ID
-            # Embed text tokens (sentinels swapped for a valid id first), then splice images in.
-            text_embeds = embed(torch.where(is_image, torch.zeros_like(ids), ids))
-            pieces, label_pieces, start = [], [], 0
-            for position in is_image.nonzero().flatten().tolist():
-                pieces += [text_embeds[start:position], image_embeds[next_image]]
-                if row_labels is not None:
-                    ignore = torch.full((image_embeds.shape[1],), IGNORE_INDEX, dtype=torch.long, device=device)
-                    label_pieces += [row_labels[start:position], ignore]
-                next_image += 1
-                start = position + 1
-            pieces.append(text_embeds[start:])
-            sequences.append(torch.cat(pieces)[: self.config.max_length])
-            if row_labels is not None:
-                label_pieces.append(row_labels[start:])
-                sequence_labels.append(torch.cat(label_pieces)[: self.config.max_length])
+            # Embed text tokens (sentinels swapped for a valid id first), then scatter the images'
+            # rows into the sentinel positions, in order.
+            embeds = embed(torch.where(is_image, torch.zeros_like(ids), ids))
+            count = int(is_image.sum())
+            if count:
+                embeds = embeds.masked_scatter(is_image[:, None], image_rows[next_row:next_row + count])
+                next_row += count
+            sequences.append(embeds[: self.config.max_length])
+            if labels is not None:
+                row_labels = torch.as_tensor(list(labels[row]), dtype=torch.long, device=device)
+                if row_labels.shape != ids.shape:
+                    raise ValueError(f"row {row}: {len(row_labels)} labels for {len(ids)} token ids")
+                row_labels = row_labels.masked_fill(is_image, IGNORE_INDEX)
+                sequence_labels.append(row_labels[: self.config.max_length])
         return _pad(sequences, sequence_labels if labels is not None else None, padding_side)
 
     def forward(self, input_ids, anchor_pixels=None, augmenter_pixels=None, labels=None):

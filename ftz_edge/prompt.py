@@ -6,9 +6,14 @@
   ``apply_chat_template`` renders it (same sandboxed Jinja environment and globals). A tokenizer
   without a template gets ``FALLBACK_CHAT_TEMPLATE``: LLaVA-v1's plain "USER: ... ASSISTANT:" form.
 * Tokenisation goes through the ``tokenizers`` library (the ``tokenizer.json`` every fast HF
-  tokenizer is built on). Text is split at ``<image>`` and each placeholder becomes the sentinel
-  id ``IMAGE_TOKEN_ID`` (-200, LLaVA's convention), which the model replaces by image embeddings,
-  so the LLM's vocabulary is never extended.
+  tokenizer is built on). Text is split at ``<image>`` and each placeholder becomes
+  ``num_image_tokens`` copies of the sentinel id ``IMAGE_TOKEN_ID`` (-200, LLaVA's convention):
+  one position per image embedding, so the LLM's vocabulary is never extended and the prompt's
+  length is ``len(ids)``.
+* The splice is one rule on both sides (``FtZForCausalLM.build_inputs`` in torch,
+  ``splice_image_embeddings`` here in numpy, nanoVLM-style): text ids are looked up with the
+  sentinels masked to a valid id, then ``embeds[ids == IMAGE_TOKEN_ID] = image_features.reshape(-1, D)``,
+  images in order. ``check_image_positions`` is the shared count check.
 """
 
 from __future__ import annotations
@@ -116,21 +121,61 @@ def render_chat(
     )
 
 
-def tokenize(text: str, tokenizer, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of ``text`` with each ``<image>`` replaced by ``IMAGE_TOKEN_ID``.
+def tokenize(text: str, tokenizer, add_special_tokens: bool = False, num_image_tokens: int = 1) -> list[int]:
+    """Token ids of ``text`` with each ``<image>`` replaced by ``num_image_tokens`` copies of
+    ``IMAGE_TOKEN_ID`` (the model's image-token count: one position per image embedding).
 
     ``tokenizer`` is a ``tokenizers.Tokenizer``. Special tokens are not added by default because
     chat templates write BOS etc. themselves (as ``apply_chat_template`` assumes). Text that is
     not valid Unicode raises ``UnencodableTextError`` (tokenizers would raise a bare TypeError).
     """
+    if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")
     check_encodable(text)
     ids: list[int] = []
     for index, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if index:
-            ids.append(IMAGE_TOKEN_ID)
+            ids.extend([IMAGE_TOKEN_ID] * num_image_tokens)
         if chunk:
             ids.extend(tokenizer.encode(chunk, add_special_tokens=add_special_tokens).ids)
     return ids
+
+
+def check_image_positions(positions: int, images: int, num_image_tokens: int) -> None:
+    """The splice's count check, shared by torch and numpy: ``positions`` sentinel ids must be
+    exactly ``images`` x ``num_image_tokens`` image-feature rows. ValueError says which side is off."""
+    if positions == images * num_image_tokens:
+        return
+    if positions % num_image_tokens:
+        raise ValueError(f"the token ids hold {positions} image positions, not a whole number of images of "
+                         f"{num_image_tokens} tokens each: tokenize with num_image_tokens={num_image_tokens}")
+    raise ValueError(f"the prompts hold {positions // num_image_tokens} <image> placeholders but {images} images "
+                     f"were given ({positions} image positions, {images * num_image_tokens} image-feature rows "
+                     f"of {num_image_tokens} tokens per image)")
+
+
+def splice_image_embeddings(ids, image_features, embed, num_image_tokens: int):
+    """Token ids (``IMAGE_TOKEN_ID`` at every image position) -> (T, D) embeddings, in numpy.
+
+    ``embed`` maps an int64 array of valid token ids to its (n, D) rows; ``image_features`` is an
+    (images, num_image_tokens, D) array, a list of (num_image_tokens, D) blocks, or None. Text ids
+    are looked up with the sentinels masked to 0, then the image rows fill the sentinel positions
+    in order: the rule ``FtZForCausalLM.build_inputs`` applies in torch. A count that does not
+    match raises ValueError (``check_image_positions``)."""
+    import numpy as np
+
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    is_image = ids == IMAGE_TOKEN_ID
+    blocks = [] if image_features is None else [np.asarray(block) for block in image_features]
+    for block in blocks:
+        if block.ndim != 2 or block.shape[0] != num_image_tokens:
+            raise ValueError(f"an image's features are {block.shape}, not ({num_image_tokens}, width): "
+                             f"the model has {num_image_tokens} tokens per image")
+    check_image_positions(int(is_image.sum()), len(blocks), num_image_tokens)
+    embeds = np.array(embed(np.where(is_image, 0, ids)))  # a writable copy
+    if blocks:
+        embeds[is_image] = np.concatenate(blocks, axis=0).reshape(-1, embeds.shape[-1]).astype(embeds.dtype, copy=False)
+    return embeds
 
 
 def encode_supervised(
@@ -139,9 +184,11 @@ def encode_supervised(
     chat_template: Optional[str],
     special_tokens: Optional[dict[str, str]] = None,
     ignore_index: int = -100,
+    num_image_tokens: int = 1,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for training: labels are ``ignore_index`` everywhere but on the
-    assistant turns (their text and the template's end-of-turn tokens).
+    assistant turns (their text and the template's end-of-turn tokens); never on image positions.
+    Each ``<image>`` becomes ``num_image_tokens`` sentinels, as in ``tokenize``.
 
     Each assistant turn's span is what rendering the conversation up to and including it adds to
     rendering it up to that turn's generation prompt, so the prompt part is tokenised exactly as
@@ -159,10 +206,10 @@ def encode_supervised(
         if not prefix.startswith(rendered) or not full.startswith(prefix):
             raise PromptError("the chat template does not render conversations incrementally; "
                               "cannot tell assistant tokens from prompt tokens")
-        prompt_ids = tokenize(prefix[len(rendered):], tokenizer)
-        answer_ids = tokenize(full[len(prefix):], tokenizer)
+        prompt_ids = tokenize(prefix[len(rendered):], tokenizer, num_image_tokens=num_image_tokens)
+        answer_ids = tokenize(full[len(prefix):], tokenizer, num_image_tokens=num_image_tokens)
         ids += prompt_ids + answer_ids
-        labels += [ignore_index] * len(prompt_ids) + answer_ids
+        labels += [ignore_index] * len(prompt_ids) + [ignore_index if t == IMAGE_TOKEN_ID else t for t in answer_ids]
         rendered = full
     if not rendered:
         raise PromptError("the conversation has no assistant turn to learn from")

@@ -10,13 +10,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from ftz_edge import prompt
-from ftz_edge.manifest import BundleError, read_manifest
-from ftz_edge.preprocess import ImageProcessorSpec, encoder_pixels
+from ftz_edge.manifest import BundleError, VisionSection, read_manifest
+from ftz_edge.preprocess import encoder_pixels
 from ftz_edge.runtime import device
 from ftz_edge.runtime.decoder import OnnxDecoder
 from ftz_edge.runtime.generation import GenerationConfig, StopChecker, TokenChooser
@@ -86,6 +86,88 @@ def gpu_memory_used_mb() -> Optional[float]:
     return None if memory is None else (memory["total"] - memory["free"]) / (1 << 20)
 
 
+class Generation:
+    """One request's answer, owned by that request (``FtZRuntime.stream`` returns one).
+
+    Iterate it for the answer's text deltas (``for delta in runtime.stream(...)``); it is lazy:
+    nothing runs, and a bad request raises nothing, until the first ``next()``. As it runs it
+    fills, for this request only:
+
+    * ``text``: the deltas so far, joined (the whole answer once finished);
+    * ``tokens``: the generated token ids so far (EOS excluded);
+    * ``timings``: a ``Timings``, complete once finished;
+    * ``finish_reason``: None while it runs; "stop" (EOS or a stop string) or "length"
+      (max_new_tokens, or the context, reached) once it finished; "cancelled" when it was closed
+      (``close()``, or a ``with`` block left) before finishing. A generation that raised keeps None
+      (the exception is the answer) and ``error`` holds the exception.
+
+    A cancelled generation keeps the tokens, text and timings it had reached (``timings.new_tokens``
+    and ``total_ms`` up to the close) and yields nothing more. ``add_done_callback(fn)`` calls
+    ``fn(generation)`` once it finishes ("stop" or "length"), never when cancelled or failed.
+
+    ``steps(generation)`` makes the iterator of deltas; it fills ``tokens``/``timings`` and sets
+    ``finish_reason`` as its very last act (test doubles can build a Generation the same way).
+    """
+
+    def __init__(self, steps: Callable[["Generation"], Iterator[str]]):
+        self.text = ""
+        self.tokens: List[int] = []
+        self.timings = Timings()
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self._callbacks: List[Callable[["Generation"], None]] = []
+        self._steps = steps(self)  # a generator: its body runs on the first next()
+
+    @property
+    def finished(self) -> bool:
+        """It ran to its end ("stop" or "length")."""
+        return self.finish_reason in ("stop", "length")
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        if self.finish_reason is not None or self.error is not None:
+            raise StopIteration
+        try:
+            delta = next(self._steps)
+        except StopIteration:
+            if self.finish_reason is None:
+                self.finish_reason = "stop"
+            for callback in self._callbacks:
+                callback(self)
+            raise
+        except BaseException as err:
+            self.error = err
+            raise
+        self.text += delta
+        return delta
+
+    def run(self) -> "Generation":
+        """Run to the end (or the first error); returns this generation."""
+        for _ in self:
+            pass
+        return self
+
+    def close(self) -> None:
+        """Stop it where it is: finish_reason becomes "cancelled" unless it had finished or failed."""
+        self._steps.close()
+        if self.finish_reason is None and self.error is None:
+            self.finish_reason = "cancelled"
+
+    def add_done_callback(self, callback: Callable[["Generation"], None]) -> None:
+        if self.finished:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 class FtZRuntime:
     """A loaded bundle. ``image_cache_mb`` bounds the image-embedding cache (0 turns it off);
     ``warmup`` runs the vision tower and a short prefill + decode at load, so the first real
@@ -100,23 +182,19 @@ class FtZRuntime:
 
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle, verify=verify)
-        vision, llm, self.prompt_spec = self.manifest["vision"], self.manifest["llm"], self.manifest["prompt"]
-        self.tokenizer = Tokenizer.from_file(str(self.bundle / self.prompt_spec["tokenizer"]))
-        specs = self.manifest["preprocess"]
-        self.anchor_spec = ImageProcessorSpec.from_dict(specs["anchor"])
-        self.augmenter_spec = ImageProcessorSpec.from_dict(specs["augmenter"]) if specs["augmenter"] else None
+        vision, llm, self.prompt_spec = self.manifest.vision, self.manifest.llm, self.manifest.prompt
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / self.prompt_spec.tokenizer))
+        self.anchor_spec = self.manifest.preprocess.anchor
+        self.augmenter_spec = self.manifest.preprocess.augmenter
         # One rule for both sessions (ftz-doctor tests the same lists): never TensorRT for the decoder.
-        self.providers = provider_plan(llm["execution_provider"], providers)
+        self.providers = provider_plan(llm.execution_provider, providers)
         self.vision = self._vision_backend(vision, vision_backend, self.providers.vision)
-        self.num_image_tokens = vision["num_image_tokens"]
+        self.num_image_tokens = vision.num_image_tokens
         self._check_image_tokens(vision)
-        self.decoder = OnnxDecoder(self.bundle / llm["folder"], model_file=llm["file"], embeddings_file=llm["embeddings"],
-                                   providers=self.providers.decoder, min_onnxruntime=llm.get("min_onnxruntime"))
-        self.context_length = min(self.prompt_spec["max_length"], llm["context_length"])
-        self.eos_token_ids = set(self.prompt_spec["eos_token_ids"])
-        self.last_timings: Optional[Timings] = None
-        self.last_tokens: List[int] = []
-        self.last_finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+        self.decoder = OnnxDecoder(self.bundle / llm.folder, model_file=llm.file, embeddings_file=llm.embeddings,
+                                   providers=self.providers.decoder, min_onnxruntime=llm.min_onnxruntime)
+        self.context_length = min(self.prompt_spec.max_length, llm.context_length)
+        self.eos_token_ids = set(self.prompt_spec.eos_token_ids)
         # The bundle's identity in cache keys: its manifest holds every file's sha256.
         manifest_digest = hashlib.sha256((self.bundle / "manifest.json").read_bytes()).hexdigest()
         self.identity = f"{manifest_digest}:{self.vision.name}"
@@ -125,15 +203,15 @@ class FtZRuntime:
         if warmup:
             self.warmup()
 
-    def _vision_backend(self, vision: dict, requested: str, providers):
-        engine = vision.get("tensorrt")
+    def _vision_backend(self, vision: VisionSection, requested: str, providers):
+        engine = vision.tensorrt
         if requested not in ("auto", "onnxruntime", "tensorrt"):
             raise ValueError(f"vision backend must be auto, onnxruntime or tensorrt, got {requested!r}")
-        if requested == "tensorrt" and not engine:
+        if requested == "tensorrt" and engine is None:
             raise ValueError(f"bundle {self.bundle} has no TensorRT engine; export it with ftz-export --engine trt")
-        if engine and requested in ("auto", "tensorrt"):
+        if engine is not None and requested in ("auto", "tensorrt"):
             try:
-                return TensorRTVision(self.bundle / engine["file"])
+                return TensorRTVision(self.bundle / engine.file)
             except (ImportError, RuntimeError) as err:  # no TensorRT here, or an engine built for another GPU/version
                 if requested == "tensorrt":
                     raise
@@ -143,13 +221,13 @@ class FtZRuntime:
         self.vision_file = vision_file(vision, providers)
         return OrtVision(self.bundle / self.vision_file, providers)
 
-    def _check_image_tokens(self, vision: dict) -> None:
+    def _check_image_tokens(self, vision: VisionSection) -> None:
         """The manifest's image-token count sizes the context and the splice: it must be what the
         vision graph emits wherever the graph states a static count."""
         emitted = getattr(self.vision, "num_tokens", None)
         if emitted is not None and emitted != self.num_image_tokens:
-            source = ((vision.get("tensorrt") or {}).get("file") if self.vision.name == "tensorrt"
-                      else getattr(self, "vision_file", vision["file"]))
+            source = (vision.tensorrt.file if self.vision.name == "tensorrt" and vision.tensorrt is not None
+                      else getattr(self, "vision_file", vision.file))
             raise BundleError(f"bundle {self.bundle}: the manifest says {self.num_image_tokens} image tokens per image "
                               f"but {source} outputs {emitted}; the manifest does not describe this graph: re-export "
                               "the bundle")
@@ -157,7 +235,7 @@ class FtZRuntime:
     @property
     def backends(self) -> Dict[str, str]:
         return {"vision": f"{self.vision.name} ({self.vision.provider})", "llm": f"onnxruntime ({self.decoder.provider})",
-                "vision_precision": self.manifest["vision"]["precision"], "llm_precision": self.manifest["llm"]["precision"]}
+                "vision_precision": self.manifest.vision.precision, "llm_precision": self.manifest.llm.precision}
 
     # -- pieces ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> Dict[str, np.ndarray]:
@@ -205,7 +283,7 @@ class FtZRuntime:
             encoded.append(buffer.getvalue())
         pixels = self.preprocess(encoded)
         image_embeds = self.vision({name: array[:1] for name, array in pixels.items()})
-        ids = self.encode_prompt([prompt.user_turn_with_image("Describe the image.")])
+        ids = self.encode_prompt([prompt.user_turn_with_image("Describe the image.")])  # its image: N positions
         logits, cache = self.decoder.forward(self.splice(ids, image_embeds)[None], self.decoder.empty_cache())
         choose = TokenChooser(GenerationConfig(max_new_tokens=2))  # its first random generator costs ~10 ms
         for _ in range(2):
@@ -214,37 +292,39 @@ class FtZRuntime:
         return self.warmup_ms
 
     def encode_prompt(self, messages: Sequence[dict]) -> List[int]:
-        text = prompt.render_chat(messages, self.prompt_spec["chat_template"],
-                                  {"bos_token": self.prompt_spec["bos_token"], "eos_token": self.prompt_spec["eos_token"]})
-        return prompt.tokenize(text, self.tokenizer)
+        """The prompt's token ids, each ``<image>`` as ``num_image_tokens`` IMAGE_TOKEN_IDs: one id
+        per embedding the decoder gets, so the prompt is ``len(ids)`` tokens."""
+        text = prompt.render_chat(messages, self.prompt_spec.chat_template,
+                                  {"bos_token": self.prompt_spec.bos_token, "eos_token": self.prompt_spec.eos_token})
+        return prompt.tokenize(text, self.tokenizer, num_image_tokens=self.num_image_tokens)
 
-    def splice(self, ids: Sequence[int], image_embeds: Optional[np.ndarray]) -> np.ndarray:
-        """Token ids with IMAGE_TOKEN_ID sentinels -> (T, D) embeddings, images in order."""
-        pieces, start, next_image = [], 0, 0
-        ids = list(ids)
-        for position, token in enumerate(ids):
-            if token == prompt.IMAGE_TOKEN_ID:
-                pieces += [self.decoder.embed(ids[start:position]), image_embeds[next_image].astype(self.decoder.embeds_dtype)]
-                next_image += 1
-                start = position + 1
-        pieces.append(self.decoder.embed(ids[start:]))
-        return np.concatenate(pieces, axis=0)
+    def splice(self, ids: Sequence[int], image_embeds) -> np.ndarray:
+        """Token ids (``encode_prompt``'s) -> (T, D) embeddings: text ids looked up, each image's
+        block scattered into its IMAGE_TOKEN_ID positions, images in order (``image_embeds``: an
+        (images, tokens, D) array, a list of (tokens, D) blocks, or None)."""
+        return prompt.splice_image_embeddings(ids, image_embeds, self.decoder.embed, self.num_image_tokens)
 
     # -- answering ------------------------------------------------------------------------
-    def stream(self, messages: Sequence[dict], images: Sequence = (), config: Optional[GenerationConfig] = None) -> Iterator[str]:
-        """Yield the answer as text deltas; ``last_timings`` holds the timings when it ends."""
+    def stream(self, messages: Sequence[dict], images: Sequence = (), config: Optional[GenerationConfig] = None) -> Generation:
+        """The answer to ``messages`` (with ``images`` for their ``<image>`` placeholders, in
+        order) as a ``Generation``: iterate it for the text deltas; it carries this request's
+        tokens, timings and finish reason. Lazy: a bad request (placeholders and images that do
+        not match, a prompt past the context, an unreadable image) raises on the first ``next()``."""
+        return Generation(lambda generation: self._generate(generation, messages, images, config))
+
+    def _generate(self, generation: Generation, messages: Sequence[dict], images: Sequence,
+                  config: Optional[GenerationConfig]) -> Iterator[str]:
         config = config or GenerationConfig()
-        timings = Timings()
+        timings = generation.timings
         start = time.perf_counter()
         placeholders = prompt.count_images(messages)
         if placeholders != len(images):
             raise ValueError(f"the conversation has {placeholders} <image> placeholders but {len(images)} images were given")
-        ids = self.encode_prompt(messages)
-        prompt_tokens = len(ids) + placeholders * (self.num_image_tokens - 1)
-        room = self.context_length - prompt_tokens
+        ids = self.encode_prompt(messages)  # each image already its num_image_tokens positions
+        room = self.context_length - len(ids)
         if room < 1:
             raise ContextLengthError(
-                f"the prompt needs {prompt_tokens} tokens ({placeholders} image(s) x {self.num_image_tokens} + text) "
+                f"the prompt needs {len(ids)} tokens ({placeholders} image(s) x {self.num_image_tokens} + text) "
                 f"but the context holds {self.context_length}; shorten the conversation or use fewer images")
         max_new = config.max_new_tokens
         if max_new > room:
@@ -258,59 +338,63 @@ class FtZRuntime:
         logits, cache = self.decoder.forward(embeds[None], self.decoder.empty_cache())
         timings.prefill_ms = (time.perf_counter() - prefill_start) * 1e3
         choose, stops = TokenChooser(config), StopChecker(config.stop)
-        history = [t for t in ids if t >= 0]
-        generated: List[int] = []
+        history = [t for t in ids if t >= 0]  # the text ids (image positions are no tokens to penalise)
+        generated = generation.tokens
         detokenizer = _IncrementalDetokenizer(self.tokenizer)
         emitted = ""
         decode_start = None
         finish_reason = "length"
-        while True:
-            token = choose(logits[0], history + generated)
-            if not generated:
-                timings.time_to_first_token_ms = (time.perf_counter() - start) * 1e3
-                decode_start = time.perf_counter()
-            if token in self.eos_token_ids:
-                finish_reason = "stop"
-                break
-            generated.append(token)
-            text = detokenizer.push(token)  # == decode(generated), without re-decoding it all per token
-            cut = stops.cut(text)
-            if cut is not None:
-                text = text[:cut]
-            # Hold back a partial UTF-8 character, then a possible start of a stop string in what
-            # is left (looked for past the partial character, a stop string running on into it
-            # would be streamed before it is recognised).
-            settled = text[:-1] if text.endswith("\ufffd") else text
-            ready = settled if cut is not None else settled[: len(settled) - stops.holdback(settled)]
-            if len(ready) > len(emitted) and ready.startswith(emitted):
-                yield ready[len(emitted):]
-                emitted = ready
-            if cut is not None:
-                finish_reason = "stop"
-                break
-            if len(generated) >= max_new:
-                break
-            logits, cache = self.decoder.forward(self.decoder.embed([token])[None], cache)
-        final = self.tokenizer.decode(generated, skip_special_tokens=True)
-        cut = stops.cut(final)
-        final = final[:cut] if cut is not None else final
-        if final.startswith(emitted) and len(final) > len(emitted):
-            yield final[len(emitted):]
-        end = time.perf_counter()
-        timings.new_tokens = len(generated)
-        timings.decode_ms = (end - decode_start) * 1e3 if decode_start else 0.0
-        if timings.new_tokens > 1 and timings.decode_ms > 0:
-            timings.decode_tokens_per_s = (timings.new_tokens - 1) / (timings.decode_ms / 1e3)
-        timings.total_ms = (end - start) * 1e3
-        timings.peak_rss_mb = peak_rss_mb()
-        timings.gpu_memory_used_mb = gpu_memory_used_mb() if self.decoder.device == "cuda" else None
-        self.last_timings = timings
-        self.last_tokens = generated
-        self.last_finish_reason = finish_reason
+        try:
+            while True:
+                token = choose(logits[0], history + generated)
+                if not generated:
+                    timings.time_to_first_token_ms = (time.perf_counter() - start) * 1e3
+                    decode_start = time.perf_counter()
+                if token in self.eos_token_ids:
+                    finish_reason = "stop"
+                    break
+                generated.append(token)
+                text = detokenizer.push(token)  # == decode(generated), without re-decoding it all per token
+                cut = stops.cut(text)
+                if cut is not None:
+                    text = text[:cut]
+                # Hold back a partial UTF-8 character, then a possible start of a stop string in what
+                # is left (looked for past the partial character, a stop string running on into it
+                # would be streamed before it is recognised).
+                settled = text[:-1] if text.endswith("\ufffd") else text
+                ready = settled if cut is not None else settled[: len(settled) - stops.holdback(settled)]
+                if len(ready) > len(emitted) and ready.startswith(emitted):
+                    yield ready[len(emitted):]
+                    emitted = ready
+                if cut is not None:
+                    finish_reason = "stop"
+                    break
+                if len(generated) >= max_new:
+                    break
+                logits, cache = self.decoder.forward(self.decoder.embed([token])[None], cache)
+            final = self.tokenizer.decode(generated, skip_special_tokens=True)
+            cut = stops.cut(final)
+            final = final[:cut] if cut is not None else final
+            if final.startswith(emitted) and len(final) > len(emitted):
+                yield final[len(emitted):]
+        finally:  # also when closed early or failed: the timings up to here
+            end = time.perf_counter()
+            timings.new_tokens = len(generated)
+            timings.decode_ms = (end - decode_start) * 1e3 if decode_start else 0.0
+            if timings.new_tokens > 1 and timings.decode_ms > 0:
+                timings.decode_tokens_per_s = (timings.new_tokens - 1) / (timings.decode_ms / 1e3)
+            timings.total_ms = (end - start) * 1e3
+            timings.peak_rss_mb = peak_rss_mb()
+            timings.gpu_memory_used_mb = gpu_memory_used_mb() if self.decoder.device == "cuda" else None
+        generation.finish_reason = finish_reason  # last: finish_reason set means finished
+
+    def ask(self, image, question: str, config: Optional[GenerationConfig] = None) -> Generation:
+        """One image (or None), one question, as a ``Generation`` (not started)."""
+        return self.stream([prompt.user_turn_with_image(question)], [image] if image is not None else [], config)
 
     def answer(self, image, question: str, config: Optional[GenerationConfig] = None) -> str:
-        """One image, one question: the whole answer (``last_timings`` has the timings)."""
-        return "".join(self.stream([prompt.user_turn_with_image(question)], [image] if image is not None else [], config))
+        """One image, one question: the whole answer's text (``ask(...).run()`` for its tokens and timings)."""
+        return self.ask(image, question, config).run().text
 
 
 class _IncrementalDetokenizer:
@@ -362,13 +446,18 @@ class Conversation:
         self.messages: List[dict] = [{"role": "system", "content": system}] if system else []
         self.images: list = []
 
-    def ask(self, question: str, images: Sequence = (), config: Optional[GenerationConfig] = None) -> Iterator[str]:
+    def ask(self, question: str, images: Sequence = (), config: Optional[GenerationConfig] = None) -> Generation:
+        """The next turn's answer as a ``Generation`` (iterate it for the deltas). Only a turn
+        that finishes joins the history: one that fails or is closed early leaves the
+        conversation as it was."""
+        images = list(images)
         placeholders = "".join(f"{prompt.IMAGE_PLACEHOLDER}\n" for _ in images)
         turn = {"role": "user", "content": placeholders + question}
-        answer = []
-        for delta in self.runtime.stream(self.messages + [turn], self.images + list(images), config):
-            answer.append(delta)
-            yield delta
-        # Only a completed turn joins the history (an error above leaves the conversation as it was).
-        self.messages += [turn, {"role": "assistant", "content": "".join(answer).strip() or "(no answer)"}]
-        self.images += list(images)
+
+        def completed(generation: Generation) -> None:
+            self.messages += [turn, {"role": "assistant", "content": generation.text.strip() or "(no answer)"}]
+            self.images += images
+
+        generation = self.runtime.stream(self.messages + [turn], self.images + images, config)
+        generation.add_done_callback(completed)
+        return generation

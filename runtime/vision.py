@@ -77,16 +77,16 @@ def provider_plan(llm_built_for: str, requested: Optional[Sequence[str]] = None,
     return ProviderPlan(vision, decoder)
 
 
-def vision_file(vision: dict, providers: Sequence[str]) -> str:
+def vision_file(vision, providers: Sequence[str]) -> str:
     """The vision ONNX graph (relative to the bundle) for the provider list ``providers`` (the
     plan's ``vision``): an INT8 bundle has two forms of the same tower, the Q/DQ graph ``file``
     (symmetric int8, float parts FP16: what TensorRT and the CUDA provider run) and, optionally,
     ``cpu_file`` (dynamic int8, float parts FP32: what ONNX Runtime's CPU kernels run fast). A
-    CPU-only list gets ``cpu_file`` when the bundle has one; any GPU provider gets ``file``."""
-    cpu_file = vision.get("cpu_file")
-    if cpu_file and providers and all(p == CPU for p in providers):
-        return cpu_file
-    return vision["file"]
+    CPU-only list gets ``cpu_file`` when the bundle has one; any GPU provider gets ``file``.
+    ``vision``: the manifest's ``VisionSection`` (ftz_edge.manifest)."""
+    if vision.cpu_file and providers and all(p == CPU for p in providers):
+        return vision.cpu_file
+    return vision.file
 
 
 def _static(dim) -> Optional[int]:
@@ -142,10 +142,11 @@ class TensorRTVision:
     provider = "TensorRT engine"
 
     def __init__(self, engine_path: Path):
-        import tensorrt as trt
-
         from ftz_edge.runtime import device
 
+        trt, why = device.import_tensorrt()  # one import rule: a broken install (no libnvinfer) is an OSError
+        if trt is None:
+            raise ImportError(f"TensorRT is not importable ({why})")
         cudart = device.cudart()
         if cudart is None:
             raise ImportError("cuda-python is not installed (pip install cuda-python): TensorRT engines need it "

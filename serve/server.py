@@ -335,7 +335,7 @@ class ModelService:
             if job.cancel.is_set():
                 outcome = "cancelled"
                 return
-            outcome, final = "completed", ("done", self.runtime.last_timings, self.runtime.last_finish_reason)
+            outcome, final = "completed", ("done", stream.timings, stream.finish_reason)  # this request's own
         except APIError as err:
             outcome, final = "invalid", ("error", err)
         except ContextLengthError as err:
@@ -614,7 +614,7 @@ def create_app(config: ServeConfig, runtime=None):
     async def models():
         service.require_ready()
         manifest = service.runtime.manifest
-        info = {"vision_precision": manifest["vision"]["precision"], "llm_precision": manifest["llm"]["precision"],
+        info = {"vision_precision": manifest.vision.precision, "llm_precision": manifest.llm.precision,
                 "image_tokens": service.runtime.num_image_tokens, "context_length": service.runtime.context_length,
                 "limits": config.limits()}
         return models_list(model_id(), created, info)
@@ -760,47 +760,59 @@ def listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def serve_parser():
+    """ftz-serve's command line, and what turns its parse into a ServeConfig: one option per
+    ServeConfig field but ``verify`` (CLI_OPTION: those not spelled --the-field-name; sizes in
+    MiB), plus ``--log-level``. Returns (parser, ftz_edge.cli.args.DataclassOptions)."""
     parser = OneLineParser(prog="ftz-serve", description="A local OpenAI-compatible image chat API over an FtZ bundle.")
-    defaults = ServeConfig()
-    parser.add_argument("--bundle", help="bundle folder from ftz-export (default: the shipped default model's)")
-    parser.add_argument("--host", default=defaults.host, help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--api-key", default=os.environ.get("FTZ_SERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $FTZ_SERVE_API_KEY, else none)")
-    parser.add_argument("--model-name", help="the model id clients see (default: the bundle folder's name)")
-    parser.add_argument("--allow-local-files", action="append", default=[], metavar="FOLDER",
-                        help="let file:// image URLs read images under FOLDER (repeatable; off by default)")
-    parser.add_argument("--max-request-mb", type=finite_float, default=defaults.max_request_bytes / MiB)
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
-    parser.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
-    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit,
-                        help="the largest max_tokens a request may ask for")
-    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
-    parser.add_argument("--default-temperature", type=finite_float, default=defaults.default_temperature,
-                        help="when a request gives none, 0..2 (default 0 = greedy; OpenAI's is 1)")
-    parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
-                        help="requests that may wait behind the running one; more get 429")
-    parser.add_argument("--max-queued-mb", type=finite_float,
-                        help="request bodies that may be admitted (running or queued) together; more get 429 "
-                             "(default: 3 x --max-request-mb)")
-    parser.add_argument("--image-cache-mb", type=finite_float, default=defaults.image_cache_mb)
-    parser.add_argument("--provider", action="append", help="onnxruntime execution provider (repeatable, in order)")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up run at load")
+    from dataclasses import replace
+
+    from ftz_edge.cli.args import DataclassOptions, Flag
+
+    def mib(value):
+        return value / MiB
+
+    def from_mib(value):
+        return int(value * MiB)
+
+    helps = {
+        "bundle": "bundle folder from ftz-export (default: the shipped default model's)",
+        "host": "address to bind (default 127.0.0.1: this machine only)",
+        "api_key": "require 'Authorization: Bearer KEY' on /v1/* (default: $FTZ_SERVE_API_KEY, else none)",
+        "model_name": "the model id clients see (default: the bundle folder's name)",
+        "allow_local_files": "let file:// image URLs read images under FOLDER (repeatable; off by default)",
+        "max_images": "images per request",
+        "max_tokens_limit": "the largest max_tokens a request may ask for",
+        "default_temperature": "when a request gives none, 0..2 (default 0 = greedy; OpenAI's is 1)",
+        "queue_size": "requests that may wait behind the running one; more get 429",
+        "max_queued_bytes": "request bodies that may be admitted (running or queued) together; more get 429 "
+                            "(default: 3 x --max-request-mb)",
+        "providers": "onnxruntime execution provider (repeatable, in order)",
+        "warmup": "skip the warm-up run at load",
+    }
+    flags = {name: Flag(help=text) for name, text in helps.items()}
+    flags.update({
+        "api_key": Flag(help=helps["api_key"], default=os.environ.get("FTZ_SERVE_API_KEY"), to_field=lambda key: key or None),
+        "allow_local_files": Flag(help=helps["allow_local_files"], metavar="FOLDER"),
+        "max_request_bytes": Flag(type=finite_float, from_field=mib, to_field=from_mib),
+        "max_queued_bytes": Flag(help=helps["max_queued_bytes"], type=finite_float, from_field=mib, to_field=from_mib),
+    })
+    for name, option_name in CLI_OPTION.items():
+        flags[name] = replace(flags.get(name, Flag()), flag=option_name)
+    fields = DataclassOptions(ServeConfig, skip=("verify",), flags=flags)
+    fields.add_to(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser, fields
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser, fields = serve_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="ftz-serve: %(levelname)s: %(message)s")
 
     from ftz_edge.manifest import BundleError, read_manifest
 
-    config = ServeConfig(bundle=args.bundle, host=args.host, port=args.port, api_key=args.api_key or None,
-                         model_name=args.model_name, allow_local_files=args.allow_local_files,
-                         max_request_bytes=int(args.max_request_mb * MiB), max_image_pixels=args.max_image_pixels,
-                         max_images=args.max_images, max_tokens_limit=args.max_tokens_limit,
-                         default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
-                         queue_size=args.queue_size, max_queued_bytes=None if args.max_queued_mb is None else int(args.max_queued_mb * MiB),
-                         image_cache_mb=args.image_cache_mb, providers=args.provider,
-                         warmup=not args.no_warmup)
+    config: ServeConfig = fields.build(args)
     try:
         config.validate()  # every option, before a minute of building the default bundle
         if config.bundle is None:

@@ -712,16 +712,16 @@ def copy_bundle(bundle: Path, dest: Path, edit=None, files: Optional[Dict[str, b
     changed by ``edit(manifest)`` and re-hashed."""
     import shutil
 
-    from ftz_edge.manifest import write_manifest
+    from ftz_edge.manifest import BundleManifest, write_manifest
 
     shutil.copytree(bundle, dest)
     for relative, data in (files or {}).items():
         (dest / relative).write_bytes(data)
     manifest = json.loads((dest / "manifest.json").read_text())
-    manifest.pop("files")
+    manifest["files"] = {}  # re-hashed by write_manifest
     if edit is not None:
         edit(manifest)
-    write_manifest(dest, manifest)
+    write_manifest(dest, BundleManifest.from_dict(manifest, dest))
     return dest
 
 
@@ -729,18 +729,18 @@ def add_engine(bundle: Path, batch_min: int = 1, batch_opt: int = 1, batch_max: 
                workspace_bytes: int = 1 << 30) -> dict:
     """Build an engine from ``bundle``'s vision ONNX with ftz-export's own builder (against the
     installed fakes) and record it in the manifest as ftz-export does; returns the record."""
-    from ftz_edge.export import tensorrt as T
-    from ftz_edge.manifest import write_manifest
+    import dataclasses
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    vision = manifest["vision"]
+    from ftz_edge.export import tensorrt as T
+    from ftz_edge.manifest import TensorRTEngine, read_manifest, write_manifest
+
+    manifest = read_manifest(bundle, verify=False)
+    vision = manifest.vision
     spec = T.EngineBuildSpec(
-        onnx_path=bundle / vision["file"], engine_path=bundle / "vision" / "vision.engine",
-        precision=vision["precision"], input_shapes={i["name"]: tuple(i["shape"][1:]) for i in vision["inputs"]},
+        onnx_path=bundle / vision.file, engine_path=bundle / "vision" / "vision.engine",
+        precision=vision.precision, input_shapes={i.name: tuple(i.shape[1:]) for i in vision.inputs},
         batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max, workspace_bytes=workspace_bytes)
     record = T.build_engine(spec).to_dict()  # also writes vision/vision.engine.json, as in ftz-export's bundles
-    manifest.pop("files")
-    vision["engine"] = "trt"
-    vision["tensorrt"] = {"file": "vision/vision.engine", "record": record}
-    write_manifest(bundle, manifest)
+    engine = TensorRTEngine(file="vision/vision.engine", record=record)
+    write_manifest(bundle, dataclasses.replace(manifest, vision=dataclasses.replace(vision, engine="trt", tensorrt=engine)))
     return record

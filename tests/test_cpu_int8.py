@@ -126,18 +126,24 @@ def test_cpu_form_of_a_large_graph(tower, monkeypatch, tmp_path):
 
 
 def test_runtime_vision_file_choice():
+    from ftz_edge.manifest import TensorSpec, VisionSection
     from ftz_edge.runtime.vision import provider_plan, vision_file
 
-    both = {"file": "vision/vision.onnx", "cpu_file": "vision/vision.cpu-int8.onnx"}
+    def section(**cpu_file):
+        io = (TensorSpec("image_embeds", "float32", ("batch", 17, 32)),)
+        return VisionSection(file="vision/vision.onnx", engine="onnx", precision="int8", inputs=io, outputs=io,
+                             num_image_tokens=17, **cpu_file)
+
+    both = section(cpu_file="vision/vision.cpu-int8.onnx")
     cpu_only = provider_plan("cpu", available=[CPU]).vision
-    assert vision_file(both, cpu_only) == both["cpu_file"]
+    assert vision_file(both, cpu_only) == both.cpu_file
     for gpu in ([CUDA, CPU], [TENSORRT, CUDA, CPU], [TENSORRT, CPU]):
-        assert vision_file(both, provider_plan("cpu", available=gpu).vision) == both["file"]
+        assert vision_file(both, provider_plan("cpu", available=gpu).vision) == both.file
     # Asking for the CPU on a GPU machine is a CPU-only list: the CPU form.
-    assert vision_file(both, provider_plan("cpu", [CPU], [CUDA, CPU]).vision) == both["cpu_file"]
+    assert vision_file(both, provider_plan("cpu", [CPU], [CUDA, CPU]).vision) == both.cpu_file
     # Bundles without a CPU form (fp32, fp16, int8 --no-cpu-int8, older bundles) load their one graph.
-    assert vision_file({"file": "vision/vision.onnx"}, cpu_only) == "vision/vision.onnx"
-    assert vision_file({"file": "vision/vision.onnx", "cpu_file": None}, cpu_only) == "vision/vision.onnx"
+    assert vision_file(section(), cpu_only) == "vision/vision.onnx"
+    assert vision_file(section(cpu_file=None), cpu_only) == "vision/vision.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +160,13 @@ def test_int8_bundle_carries_the_validated_cpu_form(int8_bundle):
     from ftz_edge.manifest import read_manifest
 
     manifest = read_manifest(int8_bundle)  # verifies every hash, and cpu_file as a path inside the bundle
-    vision = manifest["vision"]
-    assert vision["file"] == "vision/vision.onnx" and vision["cpu_file"] == "vision/vision.cpu-int8.onnx"
-    assert {"vision/vision.onnx", "vision/vision.cpu-int8.onnx"} <= set(manifest["files"])
-    assert not q.is_cpu_int8(int8_bundle / vision["file"]) and q.is_cpu_int8(int8_bundle / vision["cpu_file"])
-    details = vision["cpu_precision_details"]
+    vision = manifest.vision
+    assert vision.file == "vision/vision.onnx" and vision.cpu_file == "vision/vision.cpu-int8.onnx"
+    assert {"vision/vision.onnx", "vision/vision.cpu-int8.onnx"} <= set(manifest.files)
+    assert not q.is_cpu_int8(int8_bundle / vision.file) and q.is_cpu_int8(int8_bundle / vision.cpu_file)
+    details = vision.cpu_precision_details
     assert details["precision"] == "int8" and details["high_precision"] == "fp32" and details["quantized_nodes"]
-    assert details["excluded_nodes"] == vision["precision_details"]["excluded_nodes"]  # one policy, both forms
+    assert details["excluded_nodes"] == vision.precision_details["excluded_nodes"]  # one policy, both forms
     validation = json.loads((int8_bundle / "reports" / "validation.json").read_text())
     rows = [row for row in validation["vision"] if row["evaluated"] == CPU_INT8_EVALUATED]
     assert sorted(row["batch"] for row in rows) == [1, 4]

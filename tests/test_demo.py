@@ -22,7 +22,7 @@ import gradio as gr  # the dev extra brings it: a missing one must fail, not ski
 
 from conftest import free_port, stop_process  # noqa: E402
 from ftz_edge.demo import app as demo  # noqa: E402
-from ftz_edge.runtime.engine import Conversation, FtZRuntime  # noqa: E402
+from ftz_edge.runtime.engine import Conversation, FtZRuntime, Timings  # noqa: E402
 from ftz_edge.prompt import IMAGE_PLACEHOLDER  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,8 @@ def huge_png(path: Path, width: int = 10_000, height: int = 8_000) -> Path:
 def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples, COLOR):
     example = examples[COLOR]
     image, question = example["image"], example["question"]
-    expected = runtime.answer(image, question)
+    reference = runtime.ask(image, question).run()
+    expected = reference.text
     assert expected.strip()
     follow_up = "Is there a circle? Answer with one word."
     replay = Conversation(runtime)
@@ -144,7 +145,9 @@ def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples, COLO
     assert all(expected.startswith(text) for text in streamed)  # each step a prefix of the answer
     assert box == ""  # the textbox is cleared
     # The timings panel: this answer's numbers and the backend + precision.
-    timings = runtime.last_timings
+    assert len(session.timings) == 1
+    timings = Timings.from_dict(session.timings[0])  # this answer's own (the runtime keeps none)
+    assert (timings.prompt_tokens, timings.new_tokens) == (reference.timings.prompt_tokens, reference.timings.new_tokens)
     assert "**Answer 1**" in panel and "time to first token" in panel
     assert f"{timings.prompt_tokens} tokens" in panel
     assert runtime.backends["vision"] in panel and runtime.backends["llm_precision"] in panel
@@ -185,7 +188,7 @@ def test_several_images_in_one_question(runtime, examples, COLOR):
     assert history[2]["content"] == question and history[3]["content"] == expected.strip()
     assert len(session.conversation.images) == 2 and session.conversation.images == [first, second]
     assert session.conversation.messages[0]["content"].count(IMAGE_PLACEHOLDER) == 2
-    assert runtime.last_timings.images == 2
+    assert session.timings[-1]["images"] == 2
     # A broken extra image refuses the question and attaches nothing.
     *_, (history, _, session, box) = demo.chat(runtime, None, first, question, more_images=[__file__])
     assert "Could not read the image" in history[-1]["content"] and box == question

@@ -11,6 +11,7 @@ import pytest
 
 from fakes_tensorrt import add_engine, copy_bundle, install
 from ftz_edge.doctor import cli as doctor
+from ftz_edge.doctor import machine  # memory and GPU findings (doctor/machine.py)
 from ftz_edge.runtime import device
 from ftz_edge.doctor import memory_budget as mb
 
@@ -157,7 +158,7 @@ def test_default_bundle(default_bundle, capsys):
 
 
 def test_bundle_that_does_not_fit_gets_real_export_options(default_bundle, monkeypatch, capsys):
-    monkeypatch.setattr(doctor, "meminfo", lambda: {"total": 512 * MIB, "available": 100 * MIB, "source": "test"})
+    monkeypatch.setattr(machine, "meminfo", lambda: {"total": 512 * MIB, "available": 100 * MIB, "source": "test"})
     code, report = run_json(capsys, "--bundle", str(default_bundle))
     assert code == 1 and any("does not fit this machine" in p for p in report["problems"])
     here = report["bundle"]["budgets"]["fits"][0]
@@ -172,6 +173,35 @@ def test_bundle_that_does_not_fit_gets_real_export_options(default_bundle, monke
         for word in change["how"].split():
             if word.startswith("--"):
                 assert word in flags, (word, change)
+
+
+def test_bundle_budget_uses_the_sizes_the_manifest_records(default_bundle, tmp_path):
+    """ftz-export records the encoders' sizes and the LLM's heads and MLP width; the budget reads
+    them, and falls back to its stated assumptions only for a bundle exported before that."""
+    from ftz_edge.doctor import bundle_check
+    from ftz_edge.manifest import read_manifest
+
+    manifest = read_manifest(default_bundle)
+    encoders, llm = manifest.vision.encoders, manifest.llm
+    spec = bundle_check.bundle_spec(Path(default_bundle), manifest)
+    for built, recorded in ((spec.anchor, encoders.anchor), (spec.augmenter, encoders.augmenter)):
+        assert built == mb.Encoder(recorded.tokens, recorded.hidden_size, recorded.intermediate_size,
+                                   recorded.num_attention_heads)
+    assert (spec.heads, spec.mlp) == (llm.num_attention_heads, llm.intermediate_size)
+    assert not [a for a in spec.assumptions if "does not record" in a]
+
+    def older(m):
+        m["vision"].pop("encoders"), m["llm"].pop("num_attention_heads"), m["llm"].pop("intermediate_size")
+
+    old = copy_bundle(default_bundle, tmp_path / "old", older)
+    old_spec = bundle_check.bundle_spec(old, read_manifest(old))
+    width = manifest.vision.outputs[0].shape[-1]
+    assert old_spec.anchor == mb.Encoder(manifest.vision.num_image_tokens + 1, width, mb.ASSUMED_MLP_RATIO * width,
+                                         max(1, width // mb.ASSUMED_HEAD_DIM))
+    genai = json.loads((Path(default_bundle) / "llm" / "genai_config.json").read_text())["model"]["decoder"]
+    assert old_spec.heads == genai["num_attention_heads"] and old_spec.mlp == mb.ASSUMED_MLP_RATIO * llm.hidden_size
+    assert [a for a in old_spec.assumptions if "does not record the encoders' sizes" in a]
+    assert [a for a in old_spec.assumptions if "does not record the LLM's MLP width" in a]
 
 
 def _copy_with_engine(default_bundle, tmp_path, record):
@@ -196,7 +226,7 @@ def fake_jetson(monkeypatch, tmp_path):
     meminfo.write_text(f"MemTotal:        {7_600_000} kB\nMemFree:         {1_000_000} kB\nMemAvailable:    {5_767_168} kB\n")
     monkeypatch.setattr(device, "DEVICE_TREE_MODEL", model)
     monkeypatch.setattr(device, "TEGRA_RELEASE", release)
-    monkeypatch.setattr(doctor, "MEMINFO", meminfo)
+    monkeypatch.setattr(machine, "MEMINFO", meminfo)
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError: /proc/meminfo is read
     trt, cuda = install(monkeypatch, "10.3.0", ORIN)
     cuda.free_memory = 5 * GIB
@@ -353,7 +383,7 @@ def test_kv_cache_of_qwen2_5_0_5b():
 
 
 def test_int4_decoder_size_matches_the_measured_file():
-    # FACTS.md: ORT GenAI's builder made a 317 MB int4 Qwen2.5-0.5B decoder for the CPU.
+    # Measured on this project's machines: ORT GenAI's builder made a 317 MB int4 Qwen2.5-0.5B decoder for the CPU.
     decoder, embed = mb.exported_llm_bytes("qwen2.5-0.5b", "int4", "cpu")
     assert abs(decoder - 317e6) / 317e6 < 0.02
     assert embed == 151936 * 896 * 2  # fp16 table
@@ -364,9 +394,9 @@ def test_parameter_counts_match_torch():
     from ftz_edge.sizes import build_reference_vision, count_parameters, reference_config
 
     clip = mb.reference_config(mb.REFERENCE_ANCHOR)
-    for augmenter in mb.AUGMENTERS:
-        vision = build_reference_vision(TowerConfig(), augmenter=augmenter)
-        tower = mb.reference_tower(augmenter)
+    for augmenter, select_layer in [(name, -1) for name in mb.AUGMENTERS] + [("dinov2-large", -2)]:
+        vision = build_reference_vision(TowerConfig(select_layer=select_layer), augmenter=augmenter)
+        tower = mb.reference_tower(augmenter, select_layer=select_layer)
         assert count_parameters(vision.anchor) == mb.clip_vision_params(clip)
         assert count_parameters(vision.augmenter) == mb.dinov2_params(mb.reference_config(augmenter))
         assert (tower.anchor_layers_run, tower.augmenter_layers_run) == (vision.anchor_depth, vision.augmenter_depth)

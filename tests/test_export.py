@@ -67,7 +67,7 @@ def test_pruned_layers_are_absent_from_the_graph(tiny_components, tmp_path):
     shapes = input_shapes(model.vision, model.anchor_spec, model.augmenter_spec)
     graph = onnx.load(str(export_vision(model.vision, shapes, tmp_path / "v.onnx")))
     assert layers_in_graph(graph) == {"anchor": {0, 1}, "augmenter": {0, 1}}  # of 4 and 4
-    clip_only = FtZForCausalLM.from_config(make_config(tiny_components, "clip"))
+    clip_only = FtZForCausalLM.from_config(make_config(tiny_components, "clip", select_layer=-2))  # the last layer unused
     shapes = input_shapes(clip_only.vision, clip_only.anchor_spec, clip_only.augmenter_spec)
     graph = onnx.load(str(export_vision(clip_only.vision, shapes, tmp_path / "c.onnx")))
     assert layers_in_graph(graph) == {"anchor": {0, 1, 2}, "augmenter": set()}
@@ -100,25 +100,36 @@ def test_llm_export_greedy_parity_over_32_steps(tiny_components, tmp_path):
     assert np.array_equal(table, model.llm.get_input_embeddings().weight.detach().numpy())
 
 
+EXPORTED = {}  # what ftz-export handed to write_manifest, and what write_manifest returned
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "int8"
-    code = bundle_module.main(["--out", str(out), "--engine", "auto", "--precision", "int8", "--llm-precision", "fp32",
-                               "--calib-method", "minmax"])
+    real = bundle_module.write_manifest
+
+    def recording(bundle, manifest):
+        EXPORTED["built"], EXPORTED["written"] = manifest, real(bundle, manifest)
+        return EXPORTED["written"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bundle_module, "write_manifest", recording)
+        code = bundle_module.main(["--out", str(out), "--engine", "auto", "--precision", "int8", "--llm-precision", "fp32",
+                                   "--calib-method", "minmax"])
     assert code == 0
     return out
 
 
 def test_default_export_writes_a_complete_validated_bundle(int8_bundle):
     manifest = read_manifest(int8_bundle)  # verifies every hash
-    assert manifest["vision"]["engine"] == "onnx"  # no TensorRT here: auto falls back, and says why
-    assert "TensorRT" in manifest["provenance"]["engine_choice"] or "GPU" in manifest["provenance"]["engine_choice"]
-    assert manifest["vision"]["precision"] == "int8"
-    assert manifest["vision"]["num_image_tokens"] == 16 + 1  # 4x4 anchor patches + CLS
-    assert manifest["preprocess"]["anchor"]["crop_height"] == 64
-    assert manifest["prompt"]["image_token_id"] == -200 and manifest["prompt"]["eos_token_ids"]
-    assert manifest["llm"]["precision"] == "fp32" and manifest["llm"]["inputs"][0]["name"] in ("attention_mask", "inputs_embeds")
-    files = set(manifest["files"])
+    assert manifest.vision.engine == "onnx"  # no TensorRT here: auto falls back, and says why
+    assert "TensorRT" in manifest.provenance["engine_choice"] or "GPU" in manifest.provenance["engine_choice"]
+    assert manifest.vision.precision == "int8"
+    assert manifest.vision.num_image_tokens == 16 + 1  # 4x4 anchor patches + CLS
+    assert manifest.preprocess.anchor.crop_height == 64
+    assert manifest.prompt.image_token_id == -200 and manifest.prompt.eos_token_ids
+    assert manifest.llm.precision == "fp32" and manifest.llm.inputs[0].name in ("attention_mask", "inputs_embeds")
+    files = set(manifest.files)
     assert {"vision/vision.onnx", "llm/model.onnx", "llm/embed_tokens.npy", "llm/tokenizer.json",
             "reports/validation.json", "reports/int8_sensitivity.md"} <= files
     validation = json.loads((int8_bundle / "reports" / "validation.json").read_text())
@@ -127,6 +138,34 @@ def test_default_export_writes_a_complete_validated_bundle(int8_bundle):
     assert {row["evaluated"] for row in validation["vision"]} == {"as written", "onnxruntime CPU int8 kernels",
                                                                   "onnxruntime CPU int8 (cpu form)"}
     assert not [p for p in int8_bundle.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_the_exported_manifest_is_what_read_manifest_gives_back(int8_bundle):
+    """The BundleManifest ftz-export builds is exactly the one the runtime reads (files and schema
+    version are filled in by write_manifest), and the JSON on disk round-trips through the dataclasses."""
+    import dataclasses
+
+    from ftz_edge.manifest import SCHEMA_VERSION, BundleManifest, EncoderShape, EncodersSection
+
+    read = read_manifest(int8_bundle)
+    assert EXPORTED["written"] == read
+    assert dataclasses.replace(EXPORTED["built"], files=read.files) == read  # built with the types read gives back
+    on_disk = json.loads((int8_bundle / "manifest.json").read_text())
+    assert BundleManifest.from_dict(on_disk, int8_bundle).to_dict() == on_disk == read.to_dict()
+    assert on_disk["schema_version"] == SCHEMA_VERSION and not read.extra and not read.vision.extra
+    # What ftz-doctor's memory budget needs is recorded, not assumed: the tiny components' sizes.
+    config = {part: json.loads((DEFAULT / part / "config.json").read_text()) for part in ("anchor", "augmenter", "llm")}
+    a, g, crop = config["anchor"], config["augmenter"], read.preprocess.augmenter
+    assert read.vision.encoders == EncodersSection(
+        anchor=EncoderShape(tokens=16 + 1, hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+                            num_attention_heads=a["num_attention_heads"],
+                            num_layers=a["num_hidden_layers"]),  # select_layer -1: every layer runs
+        augmenter=EncoderShape(tokens=(crop.crop_height // g["patch_size"]) * (crop.crop_width // g["patch_size"]) + 1,
+                               hidden_size=g["hidden_size"], intermediate_size=g["hidden_size"] * g["mlp_ratio"],
+                               num_attention_heads=g["num_attention_heads"],
+                               num_layers=max(layer for _, layer in read.vision.fusion_layers)))
+    assert (read.llm.num_attention_heads, read.llm.intermediate_size) == (config["llm"]["num_attention_heads"],
+                                                                          config["llm"]["intermediate_size"])
 
 
 def test_export_replaces_an_existing_bundle_atomically(int8_bundle, tmp_path, monkeypatch):

@@ -69,8 +69,10 @@ def scripted(monkeypatch, runtime, tokens):
 
 
 def ask(runtime, config):
+    """The deltas of one answer and its Generation (its tokens and finish reason)."""
     image = DEFAULT / "examples" / EXAMPLES[0]["image"]
-    return list(runtime.stream([engine.prompt.user_turn_with_image("Describe the picture.")], [image], config))
+    generation = runtime.stream([engine.prompt.user_turn_with_image("Describe the picture.")], [image], config)
+    return list(generation), generation
 
 
 def special_ids(tokenizer):
@@ -110,15 +112,15 @@ def leaky(stop):  # a stop string that goes on past its first character into a m
 def test_stream_is_todays_stream_on_multibyte_answers(runtime, monkeypatch, stop):
     tokens = runtime.tokenizer.encode(MULTIBYTE, add_special_tokens=False).ids
     scripted(monkeypatch, runtime, tokens)
-    deltas = ask(runtime, GenerationConfig(max_new_tokens=64, stop=list(stop)))
-    assert (deltas, runtime.last_tokens, runtime.last_finish_reason) == reference_stream(runtime.tokenizer, tokens, stop)
+    deltas, generation = ask(runtime, GenerationConfig(max_new_tokens=64, stop=list(stop)))
+    assert (deltas, generation.tokens, generation.finish_reason) == reference_stream(runtime.tokenizer, tokens, stop)
 
 
 @pytest.mark.parametrize("stop", STOPS)
 def test_multibyte_answers_stream_whole_and_stop_cleanly(runtime, monkeypatch, stop):
     tokens = runtime.tokenizer.encode(MULTIBYTE, add_special_tokens=False).ids
     scripted(monkeypatch, runtime, tokens)
-    deltas = ask(runtime, GenerationConfig(max_new_tokens=64, stop=list(stop)))
+    deltas, _ = ask(runtime, GenerationConfig(max_new_tokens=64, stop=list(stop)))
     cut = StopChecker(stop).cut(MULTIBYTE)
     assert "".join(deltas) == MULTIBYTE[:cut]
     assert "\ufffd" not in "".join(deltas)
@@ -132,8 +134,8 @@ def test_stream_is_todays_stream_on_random_tokens(runtime, monkeypatch):
         text = full(tok, tokens)
         stop = [text[len(text) // 2: len(text) // 2 + 2]] if len(text) > 4 else []
         scripted(monkeypatch, runtime, tokens)
-        deltas = ask(runtime, GenerationConfig(max_new_tokens=64, stop=stop))
-        assert (deltas, runtime.last_tokens, runtime.last_finish_reason) == reference_stream(tok, tokens, stop)
+        deltas, generation = ask(runtime, GenerationConfig(max_new_tokens=64, stop=stop))
+        assert (deltas, generation.tokens, generation.finish_reason) == reference_stream(tok, tokens, stop)
 
 
 @pytest.mark.parametrize("example", range(len(EXAMPLES)))
@@ -142,17 +144,19 @@ def test_streamed_answers_join_to_the_full_decode(runtime, example, with_stop):
     image, question = DEFAULT / "examples" / EXAMPLES[example]["image"], EXAMPLES[example]["question"]
     turn = [engine.prompt.user_turn_with_image(question)]
     config = GenerationConfig(max_new_tokens=24)
-    deltas = list(runtime.stream(turn, [image], config))
-    text = full(runtime.tokenizer, runtime.last_tokens)
-    assert "".join(deltas) == text
-    reference, tokens, _ = reference_stream(runtime.tokenizer, runtime.last_tokens)
-    assert deltas == reference and tokens == runtime.last_tokens
+    generation = runtime.stream(turn, [image], config)
+    deltas = list(generation)
+    text = full(runtime.tokenizer, generation.tokens)
+    assert "".join(deltas) == text == generation.text
+    reference, tokens, _ = reference_stream(runtime.tokenizer, generation.tokens)
+    assert deltas == reference and tokens == generation.tokens
     if with_stop and len(text.strip()) > 2:
         stop = [text.strip()[1:3]]
-        deltas = list(runtime.stream(turn, [image], GenerationConfig(max_new_tokens=24, stop=stop)))
+        generation = runtime.stream(turn, [image], GenerationConfig(max_new_tokens=24, stop=stop))
+        deltas = list(generation)
         assert "".join(deltas) == text[:text.find(stop[0])]
-        assert runtime.last_finish_reason == "stop"
-        assert (deltas, runtime.last_tokens) == reference_stream(runtime.tokenizer, runtime.last_tokens, stop)[:2]
+        assert generation.finish_reason == "stop"
+        assert (deltas, generation.tokens) == reference_stream(runtime.tokenizer, generation.tokens, stop)[:2]
 
 
 def test_decode_work_is_linear_in_the_answer(runtime, monkeypatch):
@@ -171,9 +175,10 @@ def test_decode_work_is_linear_in_the_answer(runtime, monkeypatch):
         scripted(monkeypatch, runtime, tokens)
         monkeypatch.setattr(tok, "decode", counting)
         calls.clear()
-        text = "".join(ask(runtime, GenerationConfig(max_new_tokens=n)))
+        deltas, generation = ask(runtime, GenerationConfig(max_new_tokens=n))
+        text = "".join(deltas)
         monkeypatch.undo()
-        assert text == full(tok, tokens) and len(runtime.last_tokens) == n
+        assert text == full(tok, tokens) and len(generation.tokens) == n
         assert calls.count(n) == 1  # the whole answer is decoded once, for the final flush
         assert max(calls[:-1]) <= 8  # every other decode is a short window
         decoded[n] = sum(calls)

@@ -1,6 +1,7 @@
 """The bundle manifest: one validated contract (every field the runtime reads, paths confined to
 the bundle), and the rule for which folders an export may replace (issue 13, items 1 and 5)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,12 +9,16 @@ import pytest
 
 from ftz_edge.atomic import DestinationError, atomic_folder
 from ftz_edge.manifest import (
-    MANIFEST_NAME, SCHEMA_VERSION, BundleError, check_replaceable, is_bundle, read_manifest, write_manifest,
+    MANIFEST_NAME, SCHEMA_VERSION, BundleError, BundleManifest, EncoderShape, TensorSpec, check_replaceable, is_bundle,
+    read_manifest, write_manifest,
 )
 from ftz_edge.preprocess import clip_spec, dinov2_spec
 
 FILES = {"vision/vision.onnx": b"graph", "llm/model.onnx": b"decoder", "llm/embed_tokens.npy": b"table",
          "llm/genai_config.json": b"{}", "llm/tokenizer.json": b"{}", "reports/validation.json": b"{}"}
+
+
+ENCODER = {"tokens": 17, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_layers": 3}
 
 
 def content(tokens: int = 17) -> dict:
@@ -22,11 +27,12 @@ def content(tokens: int = 17) -> dict:
     return {
         "vision": {"file": "vision/vision.onnx", "engine": "onnx", "precision": "fp32",
                    "inputs": [io("anchor_pixels", ["batch", 3, 64, 64])], "outputs": [io("image_embeds", ["batch", tokens, 128])],
-                   "num_image_tokens": tokens, "tower_kind": "ftz", "fusion_layers": [[2, 2]], "tensorrt": None},
+                   "num_image_tokens": tokens, "tower_kind": "ftz", "fusion_layers": [[2, 2]], "tensorrt": None,
+                   "encoders": {"anchor": ENCODER, "augmenter": {**ENCODER, "tokens": 50, "num_layers": 2}}},
         "llm": {"file": "model.onnx", "genai_config": "genai_config.json", "embeddings": "embed_tokens.npy",
                 "tokenizer": "tokenizer.json", "precision": "fp32", "execution_provider": "cpu", "hidden_size": 128,
                 "num_layers": 2, "num_kv_heads": 2, "head_size": 32, "vocab_size": 383, "context_length": 1024,
-                "folder": "llm", "inputs": [io("inputs_embeds", ["batch_size", "sequence_length", 128])],
+                "num_attention_heads": 4, "intermediate_size": 512, "folder": "llm", "inputs": [io("inputs_embeds", ["batch_size", "sequence_length", 128])],
                 "outputs": [io("logits", ["batch_size", 1, 383])]},
         "preprocess": {"anchor": clip_spec(64).to_dict(), "augmenter": dinov2_spec(56, 64).to_dict()},
         "prompt": {"chat_template": "{{ messages }}", "bos_token": "", "eos_token": "<|im_end|>", "eos_token_ids": [2],
@@ -37,12 +43,17 @@ def content(tokens: int = 17) -> dict:
     }
 
 
+def typed(sections: dict, folder: Path) -> BundleManifest:
+    """The sections as the BundleManifest ftz-export builds (files are filled in by write_manifest)."""
+    return BundleManifest.from_dict({**sections, "files": {}}, folder)
+
+
 def make_bundle(folder: Path, **changes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for relative, data in FILES.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_bytes(data)
-    write_manifest(folder, content(**changes))
+    write_manifest(folder, typed(content(**changes), folder))
     return folder
 
 
@@ -57,9 +68,9 @@ def test_manifest_round_trip_and_tamper_detection(tmp_path):
     # Moved from test_export.py, with a complete manifest (read_manifest now validates it).
     bundle = make_bundle(tmp_path / "b")
     (bundle / "notes.txt").write_text("x")
-    written = write_manifest(bundle, content())
+    written = write_manifest(bundle, typed(content(), bundle))
     read = read_manifest(bundle)
-    assert read == written and set(read["files"]) == {*FILES, "notes.txt"}
+    assert read == written and set(read.files) == {*FILES, "notes.txt"}
     (bundle / "vision" / "vision.onnx").write_bytes(b"grapH")  # same size, other bytes
     with pytest.raises(BundleError, match="vision/vision.onnx does not match its sha256"):
         read_manifest(bundle)
@@ -99,6 +110,23 @@ def _set(section, key, value):
     (_set("vision", "tensorrt", {"record": {}}), r"vision.tensorrt.file must be a relative path"),
     (lambda m: m["files"]["llm/model.onnx"].pop("sha256"), r"files\['llm/model.onnx'\] must be"),
     (lambda m: m.pop("files"), r"files is missing"),
+    # nested fields: one error naming the whole path
+    (lambda m: m["vision"].__setitem__("tensorrt", {"file": "vision/vision.onnx", "record": "x"}),
+     r"vision.tensorrt.record must be an object, got str"),
+    (lambda m: m["vision"]["encoders"]["anchor"].__setitem__("hidden_size", "64"),
+     r"vision.encoders.anchor.hidden_size must be a positive integer, got '64'"),
+    (lambda m: m["vision"]["encoders"]["augmenter"].pop("num_layers"), r"vision.encoders.augmenter.num_layers is missing"),
+    (lambda m: m["vision"]["encoders"].__setitem__("augmenter", None),
+     r"vision.encoders.augmenter must be given exactly when preprocess.augmenter is"),
+    (lambda m: m["llm"]["outputs"][0].__setitem__("shape", []), r"llm.outputs\[0\] must be"),
+    (_set("vision", "fusion_layers", [[1]]), r"vision.fusion_layers must be a list of \[anchor layer, augmenter layer\]"),
+    (_set("llm", "num_attention_heads", 0), r"llm.num_attention_heads must be a positive integer"),
+    (_set("validation", "passed", "yes"), r"validation.passed must be true or false"),
+    (_set("prompt", "chat_template", 3), r"prompt.chat_template must be a string, got int"),
+    # the runtime splices images at ftz_edge.prompt's sentinel, behind its placeholder: the bundle must agree
+    (_set("prompt", "image_token_id", -201), r"prompt.image_token_id is -201, but this ftz-edge marks image positions "
+                                            r"with -200"),
+    (_set("prompt", "image_placeholder", "<img>"), r"prompt.image_placeholder is '<img>'"),
 ])
 def test_a_malformed_manifest_is_one_error_naming_the_field(tmp_path, change, message):
     bundle = make_bundle(tmp_path / "b")
@@ -148,16 +176,68 @@ def test_a_symbolic_link_out_of_the_bundle_is_refused(tmp_path):
 def test_optional_and_nullable_fields(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     edit(bundle, lambda m: (m["preprocess"].__setitem__("augmenter", None), m.pop("provenance"), m.pop("validation"),
-                            m["llm"].pop("genai_config"), m["vision"].pop("tensorrt")))
-    read_manifest(bundle, verify=False)
+                            m["llm"].pop("genai_config"), m["vision"].pop("tensorrt"),
+                            m["vision"]["encoders"].__setitem__("augmenter", None)))
+    manifest = read_manifest(bundle, verify=False)
+    assert manifest.preprocess.augmenter is None and manifest.vision.tensorrt is None and manifest.validation is None
+    assert manifest.llm.genai_config is None and manifest.provenance == {}
+
+
+def test_a_bundle_from_before_the_recorded_sizes_still_loads(tmp_path):
+    """Bundles exported before vision.encoders, llm.num_attention_heads and llm.intermediate_size
+    were recorded load with those None (ftz-doctor then falls back to its assumptions)."""
+    bundle = make_bundle(tmp_path / "b")
+    edit(bundle, lambda m: (m["vision"].pop("encoders"), m["llm"].pop("num_attention_heads"),
+                            m["llm"].pop("intermediate_size"), m["vision"].__setitem__("dynamic_axes", {"x": {"0": "batch"}})))
+    manifest = read_manifest(bundle, verify=False)
+    assert manifest.vision.encoders is None and manifest.llm.num_attention_heads is None
+    assert manifest.llm.intermediate_size is None
+    assert manifest.vision.extra == {"dynamic_axes": {"x": {"0": "batch"}}}  # no longer written; kept, never read
+
+
+def test_typed_sections_and_the_json_round_trip(tmp_path):
+    bundle = make_bundle(tmp_path / "b")
+    on_disk = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest = read_manifest(bundle)
+    assert BundleManifest.from_dict(on_disk, bundle).to_dict() == on_disk == manifest.to_dict()
+    assert BundleManifest.from_dict(manifest.to_dict(), bundle) == manifest
+    # attribute names are the JSON keys; sequences are tuples; specs are the preprocess dataclass
+    assert manifest.vision.outputs[0] == TensorSpec("image_embeds", "float32", ("batch", 17, 128))
+    assert manifest.vision.fusion_layers == ((2, 2),) and manifest.prompt.eos_token_ids == (2,)
+    assert manifest.preprocess.anchor == clip_spec(64) and manifest.preprocess.augmenter == dinov2_spec(56, 64)
+    assert manifest.vision.encoders.anchor == EncoderShape(**ENCODER)
+    assert manifest.files["llm/model.onnx"].bytes == len(FILES["llm/model.onnx"])
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.llm.execution_provider == "cpu"
+    # keys this ftz-edge does not know (a newer exporter's) are kept and written back, never read
+    edit(bundle, lambda m: (m["llm"].__setitem__("future_key", [1, 2]), m.__setitem__("notes", "hand-written")))
+    newer = read_manifest(bundle, verify=False)
+    assert newer.llm.extra == {"future_key": [1, 2]} and newer.extra == {"notes": "hand-written"}
+    rewritten = write_manifest(bundle, newer)
+    assert json.loads((bundle / MANIFEST_NAME).read_text())["llm"]["future_key"] == [1, 2]
+    assert rewritten == read_manifest(bundle)
 
 
 def test_write_manifest_refuses_what_the_runtime_could_not_read(tmp_path):
-    make_bundle(tmp_path / "b")
+    bundle = make_bundle(tmp_path / "b")
     broken = content()
     broken["llm"].pop("folder")
-    with pytest.raises(BundleError, match="llm.folder is missing"):
-        write_manifest(tmp_path / "b", broken)
+    with pytest.raises(BundleError, match="llm.folder is missing"):  # a manifest is built through the same checks
+        typed(broken, bundle)
+    manifest = typed(content(), bundle)
+    # A BundleManifest built in Python is checked through its JSON form before anything is written.
+    for section, change, message in [
+        ("llm", {"folder": None}, r"llm.folder must be a relative path inside the bundle, got None"),
+        ("llm", {"folder": "../elsewhere"}, r"llm.folder must stay inside the bundle"),
+        ("llm", {"context_length": 0}, r"llm.context_length must be a positive integer, got 0"),
+        ("prompt", {"eos_token_ids": ()}, r"prompt.eos_token_ids must be a non-empty list of integers"),
+    ]:
+        before = (bundle / MANIFEST_NAME).read_text()
+        bad = dataclasses.replace(manifest, **{section: dataclasses.replace(getattr(manifest, section), **change)})
+        with pytest.raises(BundleError, match=message):
+            write_manifest(bundle, bad)
+        assert (bundle / MANIFEST_NAME).read_text() == before  # nothing written
+    with pytest.raises(TypeError, match="BundleManifest"):
+        write_manifest(bundle, content())
 
 
 def test_the_runtime_reports_a_missing_section_not_a_key_error(tmp_path):

@@ -1,5 +1,6 @@
 """The multimodal LM: image splice, label masking, loss, generate(), Qwen2 and Llama, prompts."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -22,26 +23,56 @@ def images(model, n):
 
 def test_image_placeholder_is_replaced_by_image_embeddings(model):
     ids = model.encode_conversation([prompt.user_turn_with_image("What color is the circle?")])
-    assert ids.count(prompt.IMAGE_TOKEN_ID) == 1
+    n_img = model.vision.num_image_tokens
+    assert ids.count(prompt.IMAGE_TOKEN_ID) == n_img  # the placeholder is the image's n_img positions
     anchor, augmenter = images(model, 1)
     labels = [list(ids)]
     inputs = model.build_inputs([ids], anchor, augmenter, labels=labels)
-    n_img = model.vision.num_image_tokens
-    assert inputs["inputs_embeds"].shape[1] == len(ids) - 1 + n_img
+    assert inputs["inputs_embeds"].shape[1] == len(ids)
     at = ids.index(prompt.IMAGE_TOKEN_ID)
+    assert ids[at:at + n_img] == [prompt.IMAGE_TOKEN_ID] * n_img
     with torch.no_grad():
         expected = model.vision(anchor, augmenter)[0]
     torch.testing.assert_close(inputs["inputs_embeds"][0, at:at + n_img], expected)
     text_ids = torch.tensor(ids[:at])
     torch.testing.assert_close(inputs["inputs_embeds"][0, :at], model.llm.get_input_embeddings()(text_ids))
     assert (inputs["labels"][0, at:at + n_img] == IGNORE_INDEX).all()
-    assert inputs["labels"][0, at + n_img:].tolist() == ids[at + 1:]
+    assert inputs["labels"][0, at + n_img:].tolist() == ids[at + n_img:]
 
 
 def test_image_count_must_match(model):
     ids = model.encode_conversation([prompt.user_turn_with_image("Describe.")])
     with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
         model.build_inputs([ids], *images(model, 2))
+
+
+def test_sentinel_count_must_match_the_image_features(model):
+    n_img = model.vision.num_image_tokens
+    assert n_img > 1
+    # ids with one sentinel per image (tokenized for another model): refused before the tower runs
+    compact = prompt.tokenize("a <image> b", model.tokenizer.backend_tokenizer)
+    with pytest.raises(ValueError, match=f"not a whole number of images of {n_img} tokens each"):
+        model.build_inputs([compact], *images(model, 1))
+    ids = model.encode_conversation([prompt.user_turn_with_image("Describe.")])
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        model.build_inputs([ids])
+    # two rows, two images: the images' rows go to the rows in order
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        model.build_inputs([ids, ids], *images(model, 1))
+
+
+def test_torch_and_numpy_splices_agree(model):
+    """The same ids through build_inputs (torch) and prompt.splice_image_embeddings (numpy, the
+    runtime's): the same embeddings, bit for bit."""
+    ids = model.encode_conversation([{"role": "user", "content": "<image>\nThis one, <image>\nthat one: same?"}])
+    anchor, augmenter = images(model, 2)
+    with torch.no_grad():
+        ours = model.build_inputs([ids], anchor, augmenter)["inputs_embeds"][0].numpy()
+        features = model.vision(anchor, augmenter).numpy()
+        table = model.llm.get_input_embeddings().weight.numpy()
+    theirs = prompt.splice_image_embeddings(ids, features, lambda i: table[i], model.vision.num_image_tokens)
+    assert theirs.shape == ours.shape == (len(ids), table.shape[1])
+    np.testing.assert_array_equal(theirs, ours)
 
 
 def test_loss_is_finite_and_padding_is_ignored(model):
@@ -52,7 +83,7 @@ def test_loss_is_finite_and_padding_is_ignored(model):
     out = model([short, long], *images(model, 2), labels=labels)
     assert torch.isfinite(out.loss) and out.loss > 0
     mask = model.build_inputs([short, long], *images(model, 2), labels=labels)["attention_mask"]
-    assert mask[0].sum() == len(short) - 1 + model.vision.num_image_tokens
+    assert mask[0].sum() == len(short)  # the image's positions are in the ids
     assert mask[0, -1] == 0 and mask[1].all()
 
 

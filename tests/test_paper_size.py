@@ -59,11 +59,12 @@ def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, t
     assert manifest["provenance"]["peak_rss_gib"] < 18, manifest["provenance"]["peak_rss_gib"]
 
     runtime = FtZRuntime(out)
-    pieces = list(runtime.stream([{"role": "user", "content": "<image>\nWhat is in the image?"}], [str(EXAMPLE)],
-                                 GenerationConfig(max_new_tokens=4)))
-    timings = runtime.last_timings
+    generation = runtime.stream([{"role": "user", "content": "<image>\nWhat is in the image?"}], [str(EXAMPLE)],
+                                GenerationConfig(max_new_tokens=4))
+    pieces = list(generation)
+    timings = generation.timings
     assert timings.prompt_tokens > 576 and timings.images == 1
-    assert timings.new_tokens >= 1 or runtime.last_finish_reason == "stop"
+    assert timings.new_tokens >= 1 or generation.finish_reason == "stop"
     assert isinstance("".join(pieces), str)
     print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest['provenance'].get('peak_rss_gib')} GiB, "
           f"bundle {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB; {timings.summary()}")

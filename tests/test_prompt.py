@@ -32,6 +32,50 @@ def test_tokenize_places_image_sentinels():
     assert prompt.count_images([{"role": "user", "content": "<image><image> x"}]) == 2
 
 
+def test_each_image_is_num_image_tokens_sentinels_and_len_ids_is_the_prompt():
+    import numpy as np
+
+    tok, n, width = word_tokenizer(), 5, 3
+    ids = prompt.tokenize("a <image> b <image>", tok, num_image_tokens=n)
+    image = prompt.IMAGE_TOKEN_ID
+    assert ids == [1] + [image] * n + [2] + [image] * n
+    table = np.arange(6 * width, dtype=np.float32).reshape(6, width)
+    features = np.random.default_rng(0).normal(size=(2, n, width)).astype(np.float32)
+    embeds = prompt.splice_image_embeddings(ids, features, lambda i: table[i], n)
+    assert embeds.shape == (len(ids), width)  # one embedding per id: the context length is len(ids)
+    np.testing.assert_array_equal(embeds[1:1 + n], features[0])
+    np.testing.assert_array_equal(embeds[2 + n:], features[1])
+    np.testing.assert_array_equal(embeds[[0, 1 + n]], table[[1, 2]])
+    # blocks as a list (the runtime's image cache gives one per image) splice the same
+    np.testing.assert_array_equal(prompt.splice_image_embeddings(ids, list(features), lambda i: table[i], n), embeds)
+    # training labels: never on image positions
+    messages = [{"role": "user", "content": "<image> a"}, {"role": "assistant", "content": "b"}]
+    ids, labels = prompt.encode_supervised(messages, tok, None, num_image_tokens=n)
+    assert ids.count(image) == n and len(labels) == len(ids)
+    assert all(label == -100 for i, label in zip(ids, labels) if i == image)
+    with pytest.raises(ValueError, match="num_image_tokens must be a positive integer"):
+        prompt.tokenize("a <image>", tok, num_image_tokens=0)
+
+
+def test_a_splice_whose_counts_disagree_is_refused_clearly():
+    import numpy as np
+
+    tok, n = word_tokenizer(), 4
+    table = np.zeros((6, 2), np.float32)
+    embed = lambda i: table[i]  # noqa: E731
+    ids = prompt.tokenize("a <image> b", tok, num_image_tokens=n)
+    with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):
+        prompt.splice_image_embeddings(ids, np.zeros((2, n, 2), np.float32), embed, n)
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        prompt.splice_image_embeddings(ids, None, embed, n)
+    # ids tokenized for another image-token count (here: one sentinel per image)
+    with pytest.raises(ValueError, match="not a whole number of images of 4 tokens each: tokenize with num_image_tokens=4"):
+        prompt.splice_image_embeddings(prompt.tokenize("a <image> b", tok), np.zeros((1, n, 2), np.float32), embed, n)
+    # image features of another size than the model's image-token count
+    with pytest.raises(ValueError, match=r"not \(4, width\)"):
+        prompt.splice_image_embeddings(ids, np.zeros((1, n + 1, 2), np.float32), embed, n)
+
+
 @pytest.mark.parametrize("messages, message", [
     ([], "empty conversation"),
     ([{"role": "robot", "content": "x"}], "role must be system, user or assistant"),

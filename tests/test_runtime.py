@@ -34,7 +34,7 @@ def test_greedy_tokens_equal_the_pytorch_model(runtime):
     questions = [(e["image"], e["question"]) for e in EXAMPLES] + [(EXAMPLES[0]["image"], "Describe the picture.")]
     for image, question in questions:
         path = DEFAULT / "examples" / image
-        runtime.answer(path, question, GenerationConfig(max_new_tokens=16))
+        generation = runtime.ask(path, question, GenerationConfig(max_new_tokens=16)).run()
         anchor, augmenter = model.preprocess_images([path])
         ids = model.encode_conversation([prompt.user_turn_with_image(question)])
         assert ids == runtime.encode_prompt([prompt.user_turn_with_image(question)])
@@ -42,7 +42,7 @@ def test_greedy_tokens_equal_the_pytorch_model(runtime):
             reference = model.generate([ids], anchor, augmenter, max_new_tokens=16, do_sample=False,
                                        eos_token_id=sorted(runtime.eos_token_ids))[0].tolist()
         reference = [t for t in reference if t not in runtime.eos_token_ids]
-        assert runtime.last_tokens == reference, (question, runtime.last_tokens, reference)
+        assert generation.tokens == reference, (question, generation.tokens, reference)
 
 
 def test_runtime_never_imports_torch_or_transformers(default_bundle):
@@ -64,8 +64,8 @@ print("ANSWER", answer)
 
 def test_timings_are_reported(runtime):
     runtime.image_cache.clear()  # earlier tests asked about this image: make the tower run
-    runtime.answer(DEFAULT / "examples" / EXAMPLES[0]["image"], "Describe the picture.", GenerationConfig(max_new_tokens=8))
-    t = runtime.last_timings
+    t = runtime.ask(DEFAULT / "examples" / EXAMPLES[0]["image"], "Describe the picture.",
+                    GenerationConfig(max_new_tokens=8)).run().timings
     assert t.vision_ms > 0 and t.prefill_ms > 0 and t.time_to_first_token_ms >= t.prefill_ms
     assert t.prompt_tokens > runtime.num_image_tokens and t.peak_rss_mb > 10
     assert t.total_ms >= t.time_to_first_token_ms
@@ -77,8 +77,8 @@ def test_greedy_is_deterministic_and_seeds_reproduce_sampling(runtime):
     assert greedy[0] == greedy[1]
     sampled = {}
     for seed in (1, 1, 2, 3, 4):
-        runtime.answer(image, question, GenerationConfig(max_new_tokens=12, temperature=1.5, seed=seed))
-        sampled.setdefault(seed, []).append(tuple(runtime.last_tokens))
+        generation = runtime.ask(image, question, GenerationConfig(max_new_tokens=12, temperature=1.5, seed=seed)).run()
+        sampled.setdefault(seed, []).append(tuple(generation.tokens))
     assert sampled[1][0] == sampled[1][1]
     assert len({tokens[0] for tokens in sampled.values()}) > 1  # other seeds, other samples
 
@@ -95,8 +95,8 @@ def test_context_guard_refuses_and_trims(runtime):
     image = DEFAULT / "examples" / EXAMPLES[0]["image"]
     with pytest.raises(ContextLengthError, match="but the context holds"):
         runtime.answer(image, "red " * 5000)
-    runtime.answer(image, "Describe the picture.", GenerationConfig(max_new_tokens=100_000))
-    assert any("trimmed" in note for note in runtime.last_timings.notes)
+    generation = runtime.ask(image, "Describe the picture.", GenerationConfig(max_new_tokens=100_000)).run()
+    assert any("trimmed" in note for note in generation.timings.notes)
 
 
 def test_bad_images_give_clear_errors(runtime, tmp_path):
@@ -112,10 +112,57 @@ def test_multi_turn_conversation_keeps_history(runtime):
     chat = Conversation(runtime)
     image = DEFAULT / "examples" / EXAMPLES[4]["image"]
     first = "".join(chat.ask(EXAMPLES[4]["question"], [image]))
-    second = "".join(chat.ask("Is there a green circle? Answer with one word."))
+    follow_up = chat.ask("Is there a green circle? Answer with one word.")
+    second = "".join(follow_up)
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
     assert chat.messages[1]["content"] == first.strip() and second
-    assert runtime.last_timings.prompt_tokens > runtime.num_image_tokens + 20  # both turns in the prompt
+    assert follow_up.timings.prompt_tokens > runtime.num_image_tokens + 20  # both turns in the prompt
+
+
+def test_each_request_owns_its_generation(runtime):
+    """Two requests interleaved, one closed early: each Generation carries its own tokens, text,
+    timings and finish reason; the closed one says "cancelled"; the runtime keeps none of them."""
+    image, question = DEFAULT / "examples" / EXAMPLES[0]["image"], "Describe the picture."
+    full = runtime.ask(image, question, GenerationConfig(max_new_tokens=12)).run()
+    assert full.finish_reason in ("stop", "length") and full.text and full.tokens
+    assert full.timings.new_tokens == len(full.tokens) and full.timings.prompt_tokens > runtime.num_image_tokens
+    early = runtime.ask(image, question, GenerationConfig(max_new_tokens=12))
+    assert early.finish_reason is None and early.tokens == [] and early.text == ""  # lazy: nothing ran yet
+    first = next(early)
+    other = runtime.ask(DEFAULT / "examples" / EXAMPLES[3]["image"], EXAMPLES[3]["question"],
+                        GenerationConfig(max_new_tokens=4)).run()  # runs while ``early`` is open
+    assert early.finish_reason is None and first == early.text
+    early.close()
+    assert early.finish_reason == "cancelled" and list(early) == []
+    assert early.tokens == full.tokens[:len(early.tokens)] and early.timings.new_tokens == len(early.tokens)
+    assert full.text.startswith(early.text)
+    assert other.finish_reason in ("stop", "length") and other.timings is not early.timings
+    assert not any(hasattr(runtime, name) for name in ("last_timings", "last_tokens", "last_finish_reason"))
+    # with a block: left early, cancelled; a request that fails keeps finish_reason None
+    with runtime.stream([prompt.user_turn_with_image("Hi")], [image]) as generation:
+        next(generation)
+    assert generation.finish_reason == "cancelled"
+    bad = runtime.stream([prompt.user_turn_with_image("Hi")], [])  # lazy: no error yet
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        next(bad)
+    bad.close()
+    assert bad.finish_reason is None and isinstance(bad.error, ValueError)
+
+
+def test_a_conversation_keeps_only_finished_turns(runtime):
+    chat = Conversation(runtime)
+    image = DEFAULT / "examples" / EXAMPLES[1]["image"]
+    turn = chat.ask(EXAMPLES[1]["question"], [image], GenerationConfig(max_new_tokens=8))
+    next(turn)
+    turn.close()  # the client left: the turn never happened
+    assert turn.finish_reason == "cancelled" and chat.messages == [] and chat.images == []
+    with pytest.raises(ContextLengthError):
+        "".join(chat.ask("red " * 5000, [image]))
+    assert chat.messages == [] and chat.images == []
+    done = chat.ask(EXAMPLES[1]["question"], [image], GenerationConfig(max_new_tokens=8))
+    text = "".join(done)
+    assert done.finished and chat.messages[1] == {"role": "assistant", "content": text.strip() or "(no answer)"}
+    assert chat.images == [image]
 
 
 def test_tampered_bundle_is_refused(default_bundle, tmp_path):
@@ -190,15 +237,17 @@ def counted_runtime(default_bundle):
 def test_follow_up_question_skips_the_vision_tower(counted_runtime, default_bundle):
     image = DEFAULT / "examples" / EXAMPLES[2]["image"]
     chat = Conversation(counted_runtime)
-    first = "".join(chat.ask(EXAMPLES[2]["question"], [image]))
-    assert not counted_runtime.last_timings.cache_hit
-    second = "".join(chat.ask("Is it a circle? Answer with one word."))
+    asked = chat.ask(EXAMPLES[2]["question"], [image])
+    first = "".join(asked)
+    assert not asked.timings.cache_hit
+    follow_up = chat.ask("Is it a circle? Answer with one word.")
+    second = "".join(follow_up)
     assert counted_runtime.vision.batches == [1]  # the tower ran once across two turns
-    assert counted_runtime.last_timings.cache_hit and counted_runtime.last_timings.to_dict()["cache_hit"]
+    assert follow_up.timings.cache_hit and follow_up.timings.to_dict()["cache_hit"]
     # The same picture under another name is the same pixels: a hit too.
     copy = Path(shutil.copy(image, Path(default_bundle).parent / "same-image-copy.png"))
-    counted_runtime.answer(copy, EXAMPLES[2]["question"])
-    assert counted_runtime.vision.batches == [1] and counted_runtime.last_timings.cache_hit
+    again = counted_runtime.ask(copy, EXAMPLES[2]["question"]).run()
+    assert counted_runtime.vision.batches == [1] and again.timings.cache_hit
     # And the cached answers are the answers of a runtime without a cache.
     uncached = Conversation(FtZRuntime(default_bundle, image_cache_mb=0))
     assert ["".join(uncached.ask(EXAMPLES[2]["question"], [image])),
@@ -230,10 +279,11 @@ def test_several_images_each_get_their_own_block_in_order(counted_runtime):
     ids = counted_runtime.encode_prompt(messages)
     embeds = counted_runtime.splice(ids, mixed)
     n = counted_runtime.num_image_tokens
-    assert embeds.shape[0] == len(ids) - 2 + 2 * n
+    assert embeds.shape[0] == len(ids) and ids.count(prompt.IMAGE_TOKEN_ID) == 2 * n  # each image: its n positions
     first = ids.index(prompt.IMAGE_TOKEN_ID)
     np.testing.assert_array_equal(embeds[first:first + n], mixed[0].astype(embeds.dtype))
-    second = first + n + (ids.index(prompt.IMAGE_TOKEN_ID, first + 1) - first - 1)
+    second = ids.index(prompt.IMAGE_TOKEN_ID, first + n)
+    assert second > first + n and ids[second:second + n] == [prompt.IMAGE_TOKEN_ID] * n  # "\n" between them
     np.testing.assert_array_equal(embeds[second:second + n], mixed[1].astype(embeds.dtype))
 
 

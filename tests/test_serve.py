@@ -24,7 +24,7 @@ import httpx
 import openai
 from conftest import free_port, stop_process
 
-from ftz_edge.runtime.engine import FtZRuntime, Timings
+from ftz_edge.runtime.engine import FtZRuntime, Generation, Timings
 
 DEFAULT = Path(__file__).resolve().parent.parent / "ftz_edge" / "default_model"
 EXAMPLES_DIR = DEFAULT / "examples"
@@ -125,13 +125,14 @@ def post(server, body, key=API_KEY, **kwargs):
 def test_openai_client_gets_the_runtimes_answer_with_usage_and_timings(client, runtime):
     example = EXAMPLES[2]
     image = EXAMPLES_DIR / example["image"]
-    expected = runtime.answer(image, example["question"])
+    reference = runtime.ask(image, example["question"]).run()
+    expected = reference.text
     response = client.chat.completions.create(model="anything", messages=image_message(example["question"], image))
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected
     assert choice.finish_reason == "stop" and response.object == "chat.completion"
-    assert response.usage.prompt_tokens == runtime.last_timings.prompt_tokens
-    assert response.usage.completion_tokens == runtime.last_timings.new_tokens
+    assert response.usage.prompt_tokens == reference.timings.prompt_tokens
+    assert response.usage.completion_tokens == reference.timings.new_tokens
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
     timings = response.model_extra["timings"]
     assert {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second", "vision_ms",
@@ -146,7 +147,8 @@ def test_openai_client_gets_the_runtimes_answer_with_usage_and_timings(client, r
 def test_streaming_describes_a_shipped_image(client, runtime, server):
     image = EXAMPLES_DIR / EXAMPLES[0]["image"]
     question = "Describe the image."
-    expected = runtime.answer(image, question, )
+    reference = runtime.ask(image, question).run()
+    expected = reference.text
     stream = client.chat.completions.create(model="ftz", messages=image_message(question, image), stream=True,
                                             stream_options={"include_usage": True})
     *chunks, usage = list(stream)
@@ -156,7 +158,7 @@ def test_streaming_describes_a_shipped_image(client, runtime, server):
     assert chunks[-1].choices[0].finish_reason == "stop" and "timings" in chunks[-1].model_extra
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     # include_usage: as OpenAI, a last chunk without choices that carries the usage.
-    assert usage.choices == [] and usage.usage.prompt_tokens == runtime.last_timings.prompt_tokens
+    assert usage.choices == [] and usage.usage.prompt_tokens == reference.timings.prompt_tokens
     # On the wire: server-sent events, each a JSON chunk, ending with [DONE].
     with httpx.stream("POST", server["base"] + "/v1/chat/completions", timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"},
@@ -173,10 +175,11 @@ def test_several_images_and_a_multi_turn_conversation(client, runtime):
     from ftz_edge.runtime.engine import Conversation
 
     replay = Conversation(runtime)
-    expected = "".join(replay.ask("Compare them.", [a, b], __import__("ftz_edge.runtime.generation", fromlist=["x"])
-                                   .GenerationConfig(max_new_tokens=8)))
+    compared = replay.ask("Compare them.", [a, b], __import__("ftz_edge.runtime.generation", fromlist=["x"])
+                          .GenerationConfig(max_new_tokens=8))
+    expected = "".join(compared)
     assert response.choices[0].message.content == expected
-    assert response.usage.prompt_tokens == runtime.last_timings.prompt_tokens
+    assert response.usage.prompt_tokens == compared.timings.prompt_tokens
     assert response.model_extra["timings"]["images"] == 2
     # A follow-up that carries the history as OpenAI clients do (the assistant's turn included).
     messages = image_message("Compare them.", a, b) + [
@@ -441,7 +444,6 @@ class SlowRuntime:
         self._runtime, self.delay = runtime, delay
         self.produced = 0
         self.configs = []  # the GenerationConfig of every generation started
-        self.last_timings, self.last_finish_reason = None, None
         self.gate = threading.Event()  # cleared: a generation waits before its first token
         self.gate.set()
 
@@ -449,14 +451,17 @@ class SlowRuntime:
         return getattr(self._runtime, name)
 
     def stream(self, messages, images, config):
-        self.configs.append(config)
-        self.gate.wait(30)
-        for _ in range(config.max_new_tokens):
-            time.sleep(self.delay)
-            self.produced += 1
-            yield "tok "
-        self.last_timings = Timings(prompt_tokens=10, new_tokens=config.max_new_tokens)
-        self.last_finish_reason = "length"
+        def steps(generation):
+            self.configs.append(config)
+            self.gate.wait(30)
+            for _ in range(config.max_new_tokens):
+                time.sleep(self.delay)
+                self.produced += 1
+                yield "tok "
+            generation.timings = Timings(prompt_tokens=10, new_tokens=config.max_new_tokens)
+            generation.finish_reason = "length"
+
+        return Generation(steps)
 
 
 def start_server(bundle, runtime, grace_s=5.0, **config):
@@ -678,8 +683,11 @@ class FailingRuntime(SlowRuntime):
     """A runtime whose backend breaks mid-answer (as a lost GPU would)."""
 
     def stream(self, messages, images, config):
-        yield "partial "
-        raise RuntimeError("the accelerator fell over")
+        def steps(generation):
+            yield "partial "
+            raise RuntimeError("the accelerator fell over")
+
+        return Generation(steps)
 
 
 def test_a_backend_failure_is_a_500_and_the_server_carries_on(shared_runtime, default_bundle):

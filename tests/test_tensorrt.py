@@ -41,7 +41,7 @@ def make_spec(tmp_path, **kw):
     (dict(batch_min=0), "1 <= min <= opt <= max"),
     (dict(batch_min=4, batch_opt=2), "min=4 opt=2 max=8"),
     (dict(batch_opt=9, batch_max=8), "opt=9 max=8"),
-    (dict(precision="bf16"), "precision must be one of fp16, int8, fp32, not 'bf16'"),
+    (dict(precision="bf16"), "precision must be one of fp32, fp16, int8, got 'bf16'"),
     (dict(input_shapes={}), "input_shapes is empty"),
     (dict(input_shapes={"x": (1, 3, 224, 224)}), "input 'x': shape must be (C, H, W)"),
     (dict(input_shapes={"x": (3, 0, 224)}), "input 'x': shape must be (C, H, W)"),
@@ -632,8 +632,9 @@ def test_ftz_export_builds_checks_and_records_an_engine(tmp_path, monkeypatch, c
             "--batch-max", "2"]
     assert B.main(["--out", str(out), *args]) == 0, capsys.readouterr().err
     manifest = read_manifest(out)
-    assert manifest["vision"]["engine"] == "trt"
-    assert manifest["vision"]["tensorrt"]["file"] == "vision/vision.engine" and (out / "vision" / "vision.engine").is_file()
+    assert manifest.vision.engine == "trt"
+    assert manifest.vision.tensorrt.file == "vision/vision.engine" and (out / "vision" / "vision.engine").is_file()
+    assert manifest.vision.tensorrt.record["workspace_bytes"] > 0  # the build record travels with the engine
     rows = [r for r in json.loads((out / "reports" / "validation.json").read_text())["vision"]
             if "TensorRT engine" in r["evaluated"]]
     assert len(rows) == 1 and rows[0]["ok"] is True and rows[0]["cosine"] > 0.999

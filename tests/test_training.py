@@ -119,8 +119,9 @@ def test_labels_cover_only_assistant_tokens(tiny_components):
     model = FtZForCausalLM.from_config(make_config(tiny_components))
     messages = [{"role": "user", "content": "<image>\nWhat color is the circle?"}, {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "And the square?"}, {"role": "assistant", "content": "blue"}]
+    n_img = model.vision.num_image_tokens
     ids, labels = prompt.encode_supervised(messages, model.tokenizer.backend_tokenizer, model.chat_template,
-                                           model.special_tokens)
+                                           model.special_tokens, num_image_tokens=n_img)
     assert len(ids) == len(labels)
     supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert [label for label in labels if label != IGNORE_INDEX] == supervised
@@ -128,7 +129,8 @@ def test_labels_cover_only_assistant_tokens(tiny_components):
     # the prompt part equals what inference tokenises for the same conversation prefix
     inference_ids = model.encode_conversation(messages[:3])
     assert ids[: len(inference_ids)] == inference_ids
-    assert ids.count(prompt.IMAGE_TOKEN_ID) == 1 and labels[ids.index(prompt.IMAGE_TOKEN_ID)] == IGNORE_INDEX
+    assert ids.count(prompt.IMAGE_TOKEN_ID) == n_img
+    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i == prompt.IMAGE_TOKEN_ID)
 
 
 def test_bad_records_are_skipped_and_counted(tiny_components, tmp_path):

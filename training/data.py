@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,16 +216,18 @@ class LlavaDataset(torch.utils.data.Dataset):
         if name is not None:
             image = self.image_folder / name
             _check_image(image)
+        # The placeholder is already the image's num_image_tokens positions: lengths are len(ids).
         ids, labels = prompt.encode_supervised(messages, model.tokenizer.backend_tokenizer, model.chat_template,
-                                               model.special_tokens, IGNORE_INDEX)
-        expand = model.vision.num_image_tokens - 1 if image is not None else 0  # the placeholder becomes the image tokens
+                                               model.special_tokens, IGNORE_INDEX, model.vision.num_image_tokens)
         first_answer = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
         if first_answer is None:
             raise ValueError("no answer tokens")
-        if first_answer + expand >= max_length:
+        if first_answer >= max_length:
             # Truncation would leave nothing to learn (and an all-ignored row gives a NaN loss).
             raise ValueError(f"no answer within max_length ({max_length} tokens)")
-        return {"input_ids": ids, "labels": labels, "image": image, "truncated": len(ids) + expand > max_length}
+        # Kept as 4-byte arrays: an image's hundreds of positions cost 4 bytes each, not a list slot.
+        return {"input_ids": array("i", ids), "labels": array("i", labels), "image": image,
+                "truncated": len(ids) > max_length}
 
     def __len__(self) -> int:
         return len(self.items)

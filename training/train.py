@@ -44,6 +44,7 @@ from ftz_edge.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from ftz_edge.config import FtZConfig
 from ftz_edge.encoders import ComponentLoadError
 from ftz_edge.mllm import FtZForCausalLM
+from ftz_edge.prompt import IMAGE_TOKEN_ID
 from ftz_edge.training.data import DataError, DataReport, LlavaDataset, collate
 from ftz_edge.training.recipe import (
     STAGES,
@@ -230,7 +231,8 @@ def train(cfg: TrainConfig, model_config: Optional[FtZConfig] = None, resume: bo
             window["loss"] += loss.detach().float().item()
             window["batches"] += 1
             window["samples"] += len(batch["input_ids"])
-            window["tokens"] += sum(len(ids) for ids in batch["input_ids"])
+            # Text tokens: the ids less their image positions (num_image_tokens sentinels per image).
+            window["tokens"] += sum(len(ids) - ids.count(IMAGE_TOKEN_ID) for ids in batch["input_ids"])
             if not accelerator.sync_gradients:
                 continue
             state.step += 1

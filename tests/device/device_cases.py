@@ -34,7 +34,7 @@ def answers(runtime) -> Dict[str, dict]:
 
     out = {}
     for name, messages, images in conversations():
-        text = "".join(runtime.stream(messages, images, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)))
-        out[name] = {"text": text, "tokens": list(runtime.last_tokens),
-                     "prompt_tokens": runtime.last_timings.prompt_tokens}
+        generation = runtime.stream(messages, images, GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)).run()
+        out[name] = {"text": generation.text, "tokens": list(generation.tokens),
+                     "prompt_tokens": generation.timings.prompt_tokens}
     return out

@@ -60,8 +60,9 @@ def test_streamed_pieces_are_the_answer(runtime):
 def test_a_follow_up_question_reuses_the_image(runtime):
     chat = Conversation(runtime)
     first = "".join(chat.ask("What color is the circle? Answer with one word.", [EXAMPLES / "008003.png"]))
-    second = "".join(chat.ask("Is it a circle? Answer with one word."))
-    assert first and second and runtime.last_timings.cache_hit
+    follow_up = chat.ask("Is it a circle? Answer with one word.")
+    second = "".join(follow_up)
+    assert first and second and follow_up.timings.cache_hit
 
 
 def test_nothing_imported_torch():
