@@ -429,7 +429,9 @@ def export_bundle(options: ExportOptions) -> Path:
                 eos_token=model.special_tokens["eos_token"], eos_token_ids=eos_ids, tokenizer="llm/tokenizer.json",
                 max_length=model.config.max_length, image_placeholder=prompt_format.IMAGE_PLACEHOLDER,
                 image_token_id=prompt_format.IMAGE_TOKEN_ID, pad_token_id=model.tokenizer.pad_token_id,
-                fallback_template_used=not getattr(model.tokenizer, "chat_template", None)),
+                fallback_template_used=(model.config.prompt_format == "chat"
+                                        and not getattr(model.tokenizer, "chat_template", None)),
+                format=model.config.prompt_format),
             provenance={"checkpoint": str(Path(options.checkpoint).resolve()), "ftz_config": model.config.to_dict(),
                         "tools": _tool_versions(), "options": dataclasses.asdict(options),
                         "engine_choice": reason, "export_seconds": round(time.perf_counter() - started, 1),

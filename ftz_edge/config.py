@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ftz_edge.prompt import PROMPT_FORMATS
+
 TOWER_KINDS = ("ftz", "clip", "mof")
 SELECT_FEATURES = ("patch", "cls_patch")
 INIT_STYLES = ("random", "zero")
@@ -101,6 +103,11 @@ class FtZConfig:
     preset: str = "paper"
     # 2-layer GELU MLP ("mlp2x_gelu" in LLaVA): vision width -> LLM width -> LLM width.
     projector_depth: int = 2
+    # How conversations are rendered (ftz_edge.prompt.PROMPT_FORMATS): "chat" is the LLM tokenizer's
+    # own chat template (our choice: the paper does not say); "plain" and "llama" are the authors'
+    # pretraining and SFT formats. A training stage may set its own (TrainConfig.prompt_format);
+    # the model it saves records it, and the exported bundle renders the same.
+    prompt_format: str = "chat"
     # Used when the LLM tokenizer has no chat template of its own (see ftz_edge.prompt).
     chat_template: Optional[str] = None
     max_length: int = 2048
@@ -114,6 +121,8 @@ class FtZConfig:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.projector_depth < 1:
             raise ValueError("projector_depth must be at least 1")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
 
     # -- JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

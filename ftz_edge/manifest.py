@@ -414,6 +414,9 @@ class PromptSection(_Section):
     image_token_id: int = _spec("int")  # must be ftz_edge.prompt.IMAGE_TOKEN_ID (checked at load)
     pad_token_id: Optional[int] = _spec("int", optional=True)
     fallback_template_used: Optional[bool] = _spec("bool", optional=True)  # a record: the tokenizer had no template
+    # The model's prompt format (ftz_edge.prompt.PROMPT_FORMATS; chat_template is its template);
+    # absent in bundles exported before formats could be chosen ("chat").
+    format: Optional[str] = _spec("str", optional=True)
     extra: Dict[str, Any] = _extra()
 
 
@@ -493,6 +496,8 @@ class BundleManifest(_Section):
         if prompt.image_placeholder != _prompt.IMAGE_PLACEHOLDER:
             ctx.fail("prompt.image_placeholder", f"is {prompt.image_placeholder!r}, but this ftz-edge's prompts mark "
                                                  f"images with {_prompt.IMAGE_PLACEHOLDER!r}")
+        if prompt.format is not None and prompt.format not in _prompt.PROMPT_FORMATS:
+            ctx.fail("prompt.format", f"must be one of {', '.join(_prompt.PROMPT_FORMATS)}, got {prompt.format!r}")
         if (vision.encoders is not None and (vision.encoders.augmenter is None) != (self.preprocess.augmenter is None)):
             ctx.fail("vision.encoders.augmenter", "must be given exactly when preprocess.augmenter is")
 

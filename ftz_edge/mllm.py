@@ -70,7 +70,9 @@ class FtZForCausalLM(nn.Module):
     # -- prompts ----------------------------------------------------------------------------
     @property
     def chat_template(self) -> Optional[str]:
-        return getattr(self.tokenizer, "chat_template", None) or self.config.chat_template
+        """The template of the model's prompt format (``FtZConfig.prompt_format``)."""
+        return prompt.format_template(self.config.prompt_format, getattr(self.tokenizer, "chat_template", None),
+                                      self.config.chat_template)
 
     @property
     def special_tokens(self) -> dict[str, str]:

@@ -38,6 +38,51 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# The prompt formats a training stage (and so the model it saves) can use:
+# * "chat": the LLM tokenizer's own chat template (FALLBACK_CHAT_TEMPLATE when it has none);
+# * "plain": LLaVA's / TinyLLaVA Factory's pretraining conversation ("plain" / "pretrain"): the
+#   image placeholder(s) of the user turn, then the caption and a newline; the instruction is
+#   dropped and nothing else is written (BOS where the tokenizer has one, as its tokenizer call adds);
+# * "llama": TinyLLaVA Factory's "llama" conversation, the one the FtZ authors' SFT uses: a fixed
+#   system line, then "USER: <image>\n{question} ASSISTANT: {answer}</s>" per round, the generation
+#   prompt ending in "ASSISTANT:". (Read from TinyLLaVA Factory's tinyllava/data/template/
+#   {pretrain,llama}_template.py; written here as Jinja templates so every stage, the export and the
+#   torch-free runtime render them through the same code as a tokenizer's own template.)
+PROMPT_FORMATS = ("chat", "plain", "llama")
+LLAMA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions.")
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+)
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}" + LLAMA_SYSTEM + "{% endif %} "
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def format_template(prompt_format: str, tokenizer_template: Optional[str] = None,
+                    fallback_template: Optional[str] = None) -> Optional[str]:
+    """The chat template a prompt format renders with: "chat" is the tokenizer's own template
+    (else ``fallback_template``, else None: ``render_chat`` then uses FALLBACK_CHAT_TEMPLATE)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise PromptError(f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if prompt_format == "plain":
+        return PLAIN_TEMPLATE
+    if prompt_format == "llama":
+        return LLAMA_TEMPLATE
+    return tokenizer_template or fallback_template
+
 
 class PromptError(ValueError):
     """A conversation that cannot be rendered (bad roles, empty turns, template errors)."""

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from ftz_edge.config import FtZConfig
+from ftz_edge.prompt import PROMPT_FORMATS
 
 STAGES = ("pretrain", "finetune")
 RECIPE_DIR = "recipes"
@@ -46,8 +47,14 @@ class TrainConfig:
     strict: bool = False
     num_workers: int = 2
     save_encoders: bool = False  # copy the encoders into the final checkpoint (self-contained)
+    # This stage's prompt format (ftz_edge.prompt.PROMPT_FORMATS); None: the model's own
+    # (FtZConfig.prompt_format). The checkpoint it saves records the format it trained with.
+    # The authors: "plain" to pretrain, "llama" for SFT (TinyLLaVA Factory's conversations).
+    prompt_format: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.prompt_format is not None and self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS} (or unset), got {self.prompt_format!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.mixed_precision not in ("bf16", "fp16", "no"):

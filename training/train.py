@@ -147,6 +147,8 @@ def build_model(cfg: TrainConfig, model_config: Optional[FtZConfig]) -> FtZForCa
         model = FtZForCausalLM.from_config(model_config)
     else:
         raise ValueError("give a model config (recipe) or init_from (an FtZ checkpoint)")
+    if cfg.prompt_format is not None:  # the stage's format; the checkpoint it saves records it
+        model.config.prompt_format = cfg.prompt_format
     train_llm = cfg.stage == "finetune"
     model.set_trainable(train_llm)
     model.config.llm_trained = model.config.llm_trained or train_llm
