@@ -194,7 +194,7 @@ def build_vision_onnx(size: str, augmenter: Optional[str], precision: str) -> li
                 # The bundle's form (QDQ, TensorRT's input), with ftz-export's default policy.
                 policy = quantize.MixedPrecisionPolicy(keep_fusion=True)
                 info = quantize.quantize_int8(fp32, tmp / "vision.onnx", calibration_samples(size), policy=policy)
-            elif precision == "int8-dynamic":
+            elif precision == P.INT8_DYNAMIC:
                 # ONNX Runtime's CPU form: int8 weights, activations quantized on the fly.
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -429,7 +429,7 @@ def default_bundle(path: Optional[str] = None) -> Path:
         return Path(path)
     from ftz_edge.cli.default_bundle import ensure_default_bundle
 
-    return ensure_default_bundle()
+    return ensure_default_bundle("ftz-bench")
 
 
 def example() -> tuple[Path, str]:

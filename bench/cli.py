@@ -183,7 +183,7 @@ class Plan:
             self.add(Case("llm", f"llm {model} ORT {precision}", "ftz_edge.bench.llm_bench:ort_case",
                           dict(kw, precision=precision, providers=providers), row, expected_ticks=ticks,
                           timeout=a.timeout, needs=hf + [key]))
-        quants = [q for q in ("q8_0", "q4_0") if self.want("llamacpp", q)]
+        quants = [q for q in P.GGUF_QUANTS if self.want("llamacpp", q)]
         if quants:
             from ftz_edge.bench import llamacpp
 
@@ -249,7 +249,7 @@ class Plan:
                           make_row("e2e", "real", label, path, "ftz_edge runtime", precision, 1),
                           expected_ticks=a.warmup + a.repeats, timeout=a.timeout, needs=needs))
         for label, (bundle, checkpoint) in {label: (b, c) for b, c, label, _, _ in bundles}.items():
-            for torch_precision in ("fp32", "bf16"):
+            for torch_precision in (P.FP32, P.BF16):
                 if not self.want("pytorch", torch_precision):
                     continue
                 row = make_row("e2e", "real", label, path, "PyTorch eager", torch_precision, 1)

@@ -27,12 +27,13 @@ from typing import Optional
 
 import numpy as np
 
+from ftz_edge import precision as P
 from ftz_edge.atomic import atomic_folder
 from ftz_edge.bench import artifacts
 from ftz_edge.bench.results import make_row
 from ftz_edge.bench.timing import collect
 
-QUANTS = ("q8_0", "q4_0")  # the bit widths comparable to ORT's int8 / int4
+QUANTS = P.GGUF_QUANTS  # the bit widths comparable to ORT's int8 / int4
 _FTYPES = {"f16": 1, "q4_0": 2, "q8_0": 7}  # llama.h LLAMA_FTYPE_MOSTLY_*
 _PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "llama-bpe"}
 _SOURCE_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import shutil
-import subprocess
 from typing import Optional
 
 LIBRARIES = ("ftz-edge", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai",
@@ -60,30 +58,28 @@ def _physical_cores() -> Optional[int]:
 
 
 def gpu_info() -> Optional[dict]:
-    """The first CUDA GPU: through torch when it sees one, else nvidia-smi; None without a GPU."""
+    """GPU 0 as ftz_edge.runtime.device finds it (the one place that does: cuda-python, else
+    nvidia-smi), with the CUDA version of the torch that the PyTorch baselines run on; None
+    without a GPU."""
+    from ftz_edge.runtime import device
+
+    found = device.cuda_device()
+    if found is None:
+        return None
     try:
         import torch
 
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return {"name": props.name, "memory_gib": round(props.total_memory / (1 << 30), 1),
-                    "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+        cuda = torch.version.cuda
     except ImportError:
-        pass
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-            if out:
-                name, memory = [s.strip() for s in out[0].split(",")]
-                return {"name": name, "memory_gib": round(float(memory) / 1024, 1), "count": len(out), "cuda": None}
-        except (OSError, ValueError, subprocess.SubprocessError):
-            pass
-    return None
+        cuda = None
+    total = found.get("total_memory")
+    return {"name": found["name"], "memory_gib": round(total / (1 << 30), 1) if total else None,
+            "count": device.cuda_python_status().get("device_count"), "cuda": cuda,
+            "compute_capability": found.get("compute_capability")}
 
 
 def library_versions() -> dict:
-    from ftz_edge.doctor.cli import installed_versions
+    from ftz_edge.doctor.probes import installed_versions
 
     return installed_versions(LIBRARIES)
 

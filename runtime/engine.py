@@ -127,14 +127,17 @@ class Generation:
         return self
 
     def __next__(self) -> str:
-        if self.finish_reason is not None or self.error is not None:
+        if self.error is not None:  # it failed: asking again gives the same error, not a quiet end
+            raise self.error
+        if self.finish_reason is not None:
             raise StopIteration
         try:
             delta = next(self._steps)
         except StopIteration:
             if self.finish_reason is None:
                 self.finish_reason = "stop"
-            for callback in self._callbacks:
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:  # outside the try: a callback's error is its own, not the request's
                 callback(self)
             raise
         except BaseException as err:
@@ -144,7 +147,7 @@ class Generation:
         return delta
 
     def run(self) -> "Generation":
-        """Run to the end (or the first error); returns this generation."""
+        """Run to the end; returns this generation (raises the request's error, also when run again)."""
         for _ in self:
             pass
         return self
@@ -445,11 +448,16 @@ class Conversation:
         self.runtime = runtime
         self.messages: List[dict] = [{"role": "system", "content": system}] if system else []
         self.images: list = []
+        self._pending: Optional[Generation] = None
 
     def ask(self, question: str, images: Sequence = (), config: Optional[GenerationConfig] = None) -> Generation:
         """The next turn's answer as a ``Generation`` (iterate it for the deltas). Only a turn
         that finishes joins the history: one that fails or is closed early leaves the
-        conversation as it was."""
+        conversation as it was. One turn at a time: asking again while the last turn's
+        generation is unfinished closes that one (a new question supersedes an abandoned answer,
+        as in a chat window), so the history never depends on which finishes first."""
+        if self._pending is not None:
+            self._pending.close()  # a no-op once it finished or failed
         images = list(images)
         placeholders = "".join(f"{prompt.IMAGE_PLACEHOLDER}\n" for _ in images)
         turn = {"role": "user", "content": placeholders + question}
@@ -460,4 +468,5 @@ class Conversation:
 
         generation = self.runtime.stream(self.messages + [turn], self.images + images, config)
         generation.add_done_callback(completed)
+        self._pending = generation
         return generation

@@ -157,8 +157,9 @@ class ServeConfig:
 # ------------------------------------------------------------------------------ the model worker
 
 
-class Generation:
-    """One request's generation: events flow from the worker thread to the request's task."""
+class Job:
+    """One queued request: its events flow from the worker thread to the request's task (the
+    runtime's own per-request result is the ``Generation`` its stream returns)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, messages: List[dict], images: list, config, size: int = 0):
         self.loop, self.messages, self.images, self.config = loop, messages, images, config
@@ -252,7 +253,7 @@ class ModelService:
         self.in_flight -= 1
         self.queued_bytes -= size
 
-    def submit(self, job: Generation) -> None:
+    def submit(self, job: Job) -> None:
         """Queue ``job`` for the worker (its admission is taken over: the worker gives it back)."""
         with self._lock:
             if self.state == "stopping":
@@ -302,7 +303,7 @@ class ModelService:
         self.drain(0.0)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _claim(self, job: Generation) -> bool:
+    def _claim(self, job: Job) -> bool:
         """Mark ``job`` running, unless it was answered while it waited (the server is stopping)."""
         with self._lock:
             if job not in self.live:
@@ -310,7 +311,7 @@ class ModelService:
             job.running = True
             return True
 
-    def _run(self, job: Generation) -> None:
+    def _run(self, job: Job) -> None:
         """On the worker thread: decode the images, stream the answer into ``job``'s events."""
         from ftz_edge.preprocess import ImageLoadError
         from ftz_edge.prompt import PromptError
@@ -619,7 +620,7 @@ def create_app(config: ServeConfig, runtime=None):
                 "limits": config.limits()}
         return models_list(model_id(), created, info)
 
-    async def next_event(job: Generation, request: Request) -> Optional[tuple]:
+    async def next_event(job: Job, request: Request) -> Optional[tuple]:
         """The job's next event, or None when the client has gone (the job is then cancelled).
         The connection is looked at every quarter second, also while tokens keep coming."""
         while True:
@@ -668,7 +669,7 @@ def create_app(config: ServeConfig, runtime=None):
         service.admit(size)
         try:
             parsed = await parse(request, size)
-            job = Generation(asyncio.get_running_loop(), parsed.messages, parsed.images, parsed.generation, size)
+            job = Job(asyncio.get_running_loop(), parsed.messages, parsed.images, parsed.generation, size)
             service.submit(job)
         except ClientDisconnect:  # the client left while sending its body: nobody to answer
             service.release(size)
@@ -818,7 +819,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if config.bundle is None:
             from ftz_edge.cli.default_bundle import ensure_default_bundle
 
-            config.bundle = str(ensure_default_bundle())
+            config.bundle = str(ensure_default_bundle("ftz-serve"))
         read_manifest(config.bundle, verify=False)  # a wrong path fails here, before the port opens
         app = create_app(config)
         listener = listen(config.host, config.port)  # before the model loads: a port in use fails at once

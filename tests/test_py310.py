@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_CODE = ["runtime", "demo", "serve", "doctor", "ftz_edge/cli/args.py", "ftz_edge/cli/default_bundle.py", "ftz_edge/__init__.py", "ftz_edge/prompt.py", "ftz_edge/preprocess.py",
+DEVICE_CODE = ["runtime", "demo", "serve", "doctor", "ftz_edge/cli/args.py", "ftz_edge/cli/default_bundle.py", "ftz_edge/precision.py", "ftz_edge/__init__.py", "ftz_edge/prompt.py", "ftz_edge/preprocess.py",
                "ftz_edge/manifest.py", "ftz_edge/atomic.py"]
 HEAVY = {"torch", "transformers", "torchvision", "accelerate", "deepspeed", "optimum"}
 

@@ -145,6 +145,8 @@ def test_each_request_owns_its_generation(runtime):
     bad = runtime.stream([prompt.user_turn_with_image("Hi")], [])  # lazy: no error yet
     with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
         next(bad)
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        bad.run()  # asked again: the same error, not a quiet empty answer
     bad.close()
     assert bad.finish_reason is None and isinstance(bad.error, ValueError)
 
@@ -159,7 +161,10 @@ def test_a_conversation_keeps_only_finished_turns(runtime):
     with pytest.raises(ContextLengthError):
         "".join(chat.ask("red " * 5000, [image]))
     assert chat.messages == [] and chat.images == []
-    done = chat.ask(EXAMPLES[1]["question"], [image], GenerationConfig(max_new_tokens=8))
+    abandoned = chat.ask(EXAMPLES[1]["question"], [image], GenerationConfig(max_new_tokens=8))
+    next(abandoned)
+    done = chat.ask(EXAMPLES[1]["question"], [image], GenerationConfig(max_new_tokens=8))  # supersedes it
+    assert abandoned.finish_reason == "cancelled" and chat.messages == []
     text = "".join(done)
     assert done.finished and chat.messages[1] == {"role": "assistant", "content": text.strip() or "(no answer)"}
     assert chat.images == [image]

@@ -714,7 +714,7 @@ def test_text_that_reaches_the_worker_unchecked_is_still_a_400(shared_runtime, d
     """The backstop behind the parser: the runtime's own refusal of text that is not UTF-8 is a
     400 naming the message (it was tokenizers' TypeError, a 500)."""
     from ftz_edge.runtime.generation import GenerationConfig
-    from ftz_edge.serve.server import Generation, ModelService, ServeConfig
+    from ftz_edge.serve.server import Job, ModelService, ServeConfig
 
     class Direct:  # delivers the worker's events at once (no event loop needed)
         def call_soon_threadsafe(self, callback, *args):
@@ -722,7 +722,7 @@ def test_text_that_reaches_the_worker_unchecked_is_still_a_400(shared_runtime, d
 
     service = ModelService(ServeConfig(bundle=str(default_bundle)), runtime=shared_runtime)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi \ud800"}]
-    job = Generation(Direct(), messages, [], GenerationConfig(max_new_tokens=2), size=10)
+    job = Job(Direct(), messages, [], GenerationConfig(max_new_tokens=2), size=10)
     service.admit(10)
     service.live.add(job)
     service._run(job)

@@ -174,6 +174,8 @@ class DataclassOptions:
             if not hasattr(args, name):
                 raise TypeError(f"{self.cls.__name__}.{name} ({spec['flag']}) was never added to the parser")
             value = getattr(args, name)
+            if isinstance(value, list):  # a repeatable option left out is the parser's own default list
+                value = list(value)
             out[name] = spec["to_field"](value) if spec["to_field"] and value is not None else value
         return out
 

@@ -26,7 +26,8 @@ def default_bundle_path() -> Path:
     return root / f"default-bundle-{digest}"
 
 
-def ensure_default_bundle() -> Path:
+def ensure_default_bundle(prog: str = "ftz-chat") -> Path:
+    """The default bundle, built first when missing; a failed build ends ``prog`` with one error line."""
     bundle = default_bundle_path()
     if not (bundle / "manifest.json").is_file():
         print(f"building the default model's bundle in {bundle} (once) ...", file=sys.stderr)
@@ -35,6 +36,6 @@ def ensure_default_bundle() -> Path:
         result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise SystemExit(f"ftz-chat: error: building the default bundle failed (it needs the export extra: "
+            raise SystemExit(f"{prog}: error: building the default bundle failed (it needs the export extra: "
                              f"pip install -e '.[export]'); or pass --bundle\n{tail}")
     return bundle
