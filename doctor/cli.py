@@ -17,6 +17,11 @@ It prints:
   compute capability and free memory, and the TensorRT version (``ftz_edge.runtime.device``);
   whether the bundle's engine was built for them (its build record), and, wherever TensorRT is
   installed, whether it really deserializes and runs (the runtime's own ``TensorRTVision``);
+* which GPU backends actually run, not just import, each as runs / fails (with the one-line
+  reason) / not listed or not installed: ONNX Runtime's CUDA and TensorRT providers (the tiny
+  inference above), TensorRT's Python API (a builder, the tiny model built into an engine, that
+  engine run by the runtime's ``TensorRTVision``) and cuda-python's view of the CUDA driver (its
+  CUDA version, the device count);
 * the providers the runtime gives the vision graph and the decoder, from the same function the
   runtime calls (``ftz_edge.runtime.vision.provider_plan``: never TensorRT for a decoder);
 * the bundle's memory budget (ftz_edge.doctor.memory_budget: weights, KV cache, activations,
@@ -24,10 +29,13 @@ It prints:
   would make it fit.
 
 Exit status: 0 when everything the runtime needs works (and the bundle, if given, is intact and
-fits here); 1 when something needed is missing or broken (a provider the runtime would pick fails,
-the bundle fails verification, its engine claims this GPU and TensorRT but does not run, its LLM
-does not run, or it does not fit this machine's memory); an engine built for another GPU or
-TensorRT is a warning (the runtime falls back to the vision ONNX); 2 for bad arguments, including a --bundle that is not a bundle.
+fits here); 1 when something needed is missing or broken (two ONNX Runtime builds installed at
+once, a provider the runtime would pick fails, the bundle fails verification, its engine claims
+this GPU and TensorRT but does not run, its LLM does not run, or it does not fit this machine's
+memory); an engine built for another GPU or TensorRT is a warning (the runtime falls back to the
+vision ONNX), and so is TensorRT's Python API or cuda-python failing its own check (the runtime
+needs them only for a bundle's engine, which ``--bundle`` checks); 2 for bad arguments, including
+a --bundle that is not a bundle.
 A plan never changes the exit status: it answers a question about a model not exported yet.
 
 Torch-free (numpy, onnxruntime; tensorrt, cuda-python and psutil only if present), Python 3.10+.
@@ -44,12 +52,13 @@ from typing import List, Optional
 # One job per module: probes (Python, packages, providers), onnx_proto (the hand-encoded probe
 # model), machine (GPU, Jetson, TensorRT via ftz_edge.runtime.device; memory), bundle_check (a
 # bundle's manifest, engine, real runs and memory spec), memory_budget, report (text and JSON).
+from ftz_edge import precision as P
 from ftz_edge.doctor import memory_budget as mb
 from ftz_edge.doctor.bundle_check import bundle_files, bundle_spec, check_bundle  # noqa: F401 - re-exported
-from ftz_edge.doctor.machine import machine_info, this_machine_target
+from ftz_edge.doctor.machine import machine_info, tensorrt_check, this_machine_target
 from ftz_edge.doctor.onnx_proto import tiny_model  # noqa: F401 - re-exported
 from ftz_edge.doctor.probes import (  # noqa: F401 - re-exported
-    CPU, PACKAGES, check_providers, installed_versions, python_and_packages, run_on_provider,
+    CPU, PACKAGES, check_providers, gpu_provider_states, installed_versions, python_and_packages, run_on_provider,
 )
 from ftz_edge.doctor.report import format_report
 from ftz_edge.doctor.report import jsonable as _jsonable
@@ -68,6 +77,52 @@ def budgets_for(spec: mb.ModelSpec, machine_target: Optional[mb.Target], machine
     return {"budget": here, "fits": fits, "here": fits[0] if machine_target else None}
 
 
+def gpu_backends(providers: dict, packages: dict, machine: dict) -> List[dict]:
+    """Which GPU backends actually run here: ONNX Runtime's CUDA and TensorRT providers (from the tiny
+    inference on each alone), TensorRT's Python API (``tensorrt_check``: builder, tiny build, a run)
+    and cuda-python's CUDA driver (``device.cuda_python_status``). Each {kind, name, state, detail}
+    with state "runs" / "fails" / "not listed" / "not installed" (and "builds" for TensorRT when the
+    run was skipped, "works" for the driver). Also stores ``machine["tensorrt"]["check"]`` and
+    ``machine["cuda_python"]``."""
+    backends = [{"kind": "provider", **state}
+                for state in gpu_provider_states(providers, packages.get("onnxruntime-gpu") or packages.get("onnxruntime"))]
+
+    check = machine["tensorrt"]["check"] = tensorrt_check() if machine["tensorrt"]["version"] else None
+    name = "TensorRT Python API"
+    if check is None:
+        backends.append({"kind": "tensorrt", "name": name, "state": "not installed",
+                         "detail": machine["tensorrt"]["error"] or "tensorrt is not importable"})
+    else:
+        steps = "; ".join(f"{s['step']} " + ("ok" if s["ok"] else "FAILED" if s["ok"] is False else "skipped")
+                          + (f" ({s['detail']})" if s["ok"] is not False and s["step"] not in ("import", "builder")
+                             else "") for s in check["steps"])
+        if not check["ok"]:
+            backends.append({"kind": "tensorrt", "name": name, "state": "fails", "detail": check["error"],
+                             "steps": steps, "version": check["version"]})
+        else:
+            ran = check["steps"][-1]["ok"] is True
+            backends.append({"kind": "tensorrt", "name": name, "state": "runs" if ran else "builds",
+                             "detail": steps, "version": check["version"]})
+
+    cuda = machine["cuda_python"] = device.cuda_python_status()
+    name = "cuda-python (CUDA driver)"
+    if not cuda["installed"]:
+        backends.append({"kind": "cuda-python", "name": name, "state": "not installed",
+                         "detail": "the runtime's TensorRT backend needs it for device memory: pip install "
+                                   "'cuda-python>=12,<13' for CUDA 12, 13.x for CUDA 13"})
+    elif cuda["error"]:
+        backends.append({"kind": "cuda-python", "name": name, "state": "fails", "detail": cuda["error"],
+                         "version": cuda["version"]})
+    elif not cuda["device_count"]:
+        backends.append({"kind": "cuda-python", "name": name, "state": "fails", "version": cuda["version"],
+                         "detail": "the CUDA driver answers but reports no CUDA device (CUDA_VISIBLE_DEVICES?)"})
+    else:
+        driver = f"the driver supports CUDA {cuda['driver']}, " if cuda["driver"] else ""
+        backends.append({"kind": "cuda-python", "name": name, "state": "works", "version": cuda["version"],
+                         "detail": f"{driver}{cuda['device_count']} device(s)"})
+    return backends
+
+
 def run(bundle: Optional[str], plan: Optional[dict]) -> dict:
     if bundle is not None:  # a wrong path is a bad argument: say so before anything runs
         if not Path(bundle).is_dir():
@@ -77,18 +132,28 @@ def run(bundle: Optional[str], plan: Optional[dict]) -> dict:
     report: dict = {"problems": [], "warnings": []}
     report["python"] = python_and_packages()
     report["warnings"] += report["python"]["notes"]
+    report["problems"] += report["python"]["problems"]
     report["providers"] = providers = check_providers()
     if providers["error"]:
         report["problems"].append(providers["error"])
     for result in providers["results"]:
         if result["needed"] and not result["ok"]:
+            missing_library = "cannot open shared object file" in (result["error"] or "")
+            hint = ("; a CUDA, cuDNN or TensorRT library is not on the loader's path: the pip-installed ones need "
+                    "LD_LIBRARY_PATH, see docs/desktop-gpu.md" if missing_library else "")
             report["problems"].append(f"{result['provider']} is listed and the runtime would pick it, but a tiny "
-                                      f"inference fails on it ({result['error']}); fix the install (onnxruntime-gpu "
-                                      "for this CUDA / JetPack) or pass --provider CPUExecutionProvider to ftz-chat")
+                                      f"inference fails on it ({result['error']}){hint}; fix the install "
+                                      "(onnxruntime-gpu for this CUDA / JetPack) or pass --provider "
+                                      "CPUExecutionProvider to ftz-chat")
     report["machine"] = machine = machine_info()
     version = machine["tensorrt"]["version"]
     if version and (device.tensorrt_major(version) or 0) < device.MIN_TENSORRT_MAJOR:
         report["warnings"].append(f"TensorRT {version} is too old for ftz-export's engines (needs >= 10: JetPack 6+)")
+    report["gpu_backends"] = gpu_backends(providers, report["python"]["packages"], machine)
+    for backend in report["gpu_backends"]:
+        if backend["kind"] != "provider" and backend["state"] == "fails":
+            report["warnings"].append(f"{backend['name']} fails: {backend['detail']} (the runtime needs it only "
+                                      "for a bundle's TensorRT engine; without it the vision ONNX runs instead)")
     if machine["ram"] is None:
         report["warnings"].append("system memory not found (no psutil, no /proc/meminfo)")
     target = this_machine_target(machine)
@@ -109,11 +174,16 @@ def run(bundle: Optional[str], plan: Optional[dict]) -> dict:
     if plan is not None:
         rows = []
         for precision in plan["llm_precisions"]:
-            gpu_spec = mb.plan_spec(plan["augmenter"], plan["llm"], plan["tower_precision"], precision, plan["context"], gpu=True)
-            row = {"llm_precision": precision, "gpu": budgets_for(gpu_spec, target if gpu_here else None, True)}
+            row = {"llm_precision": precision}
+            if "cuda" in P.LLM_PROVIDERS[precision]:
+                gpu_spec = mb.plan_spec(plan["augmenter"], plan["llm"], plan["tower_precision"], precision,
+                                        plan["context"], gpu=True)
+                row["gpu"] = budgets_for(gpu_spec, target if gpu_here else None, True)
+            else:
+                row["gpu_note"] = f"an {precision} LLM is built for the CPU only: not for a GPU"
             if not gpu_here and target is not None:
-                if precision == "fp16":
-                    row["cpu_note"] = "an fp16 LLM is built for CUDA only: not for this CPU machine"
+                if "cpu" not in P.LLM_PROVIDERS[precision]:
+                    row["cpu_note"] = f"an {precision} LLM is built for CUDA only: not for this CPU machine"
                 else:
                     cpu_spec = mb.plan_spec(plan["augmenter"], plan["llm"], plan["tower_precision"], precision,
                                             plan["context"], gpu=False)
@@ -134,8 +204,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="budget a real-size FtZ model from the shipped configs against this machine and Jetson Orin")
     parser.add_argument("--augmenter", default="dinov2-large", choices=mb.AUGMENTERS, help="--plan: the DINOv2 size")
     parser.add_argument("--llm", default="qwen2.5-0.5b", choices=mb.LLMS, help="--plan: the LLM")
-    from ftz_edge import precision as P
-
     plan_llm_precisions = [P.INT4, P.INT8, P.FP16]
     parser.add_argument("--precision", default=P.DEFAULT_VISION_PRECISION, choices=P.VISION_PRECISIONS,
                         help="--plan: vision tower precision")

@@ -470,8 +470,9 @@ def plan_spec(augmenter: str = "dinov2-large", llm: str = "qwen2.5-0.5b", tower_
     P.parse_vision(tower_precision, "tower precision")
     P.parse_llm(llm_precision)
     provider = "cuda" if gpu else "cpu"
-    if llm_precision == P.FP16 and provider == "cpu":
-        raise ValueError("an fp16 LLM is built for CUDA only (ONNX Runtime GenAI's builder)")
+    if provider not in P.LLM_PROVIDERS[llm_precision]:  # what ftz-export's LLM builder can make
+        only = " and ".join(p.upper() for p in P.LLM_PROVIDERS[llm_precision])
+        raise ValueError(f"an {llm_precision} LLM is built for {only} only (ONNX Runtime GenAI's builder)")
     tower = reference_tower(augmenter, llm)
     a, g, c = reference_config(REFERENCE_ANCHOR), reference_config(augmenter), reference_config(llm)
     # FtZConfig.max_length (2048) caps the runtime's context below Qwen's 32768 positions.

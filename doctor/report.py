@@ -38,6 +38,25 @@ def _format_budget(lines: List[str], budget: mb.MemoryBudget) -> None:
     lines.append(f"    {'total':<17}{fmt_bytes(budget.total):>12}")
 
 
+def backend_line(b: dict) -> str:
+    """One GPU backend's state in words: "listed, runs (...)", "listed but fails: <reason>", ..."""
+    state, detail = b["state"], b["detail"]
+    if b["kind"] == "provider":
+        role = " [the runtime would pick it]" if b.get("needed") else ""
+        if state == "runs":
+            return f"listed, runs ({detail}){role}"
+        if state == "fails":
+            return f"listed but fails: {detail}{role}"
+        return f"not listed: {detail}"
+    version = f"{b['version']} " if b.get("version") else ""
+    if state == "fails":
+        steps = f" [{b['steps']}]" if b.get("steps") else ""
+        return f"{version}installed but fails: {detail}{steps}"
+    if state == "not installed":
+        return f"not installed ({detail})"
+    return f"{version}{state}: {detail}"
+
+
 def format_report(report: dict) -> str:
     lines = []
     py = report["python"]
@@ -57,6 +76,13 @@ def format_report(report: dict) -> str:
         state = f"ok      load {r['load_ms']} ms, run {r['run_ms']} ms" if r["ok"] else f"FAILED  {r['error']}"
         role = "needed" if r["needed"] else "not used by ftz-edge"
         lines.append(f"  {r['provider']:<28} {state}  ({role})")
+
+    backends = report.get("gpu_backends")
+    if backends:
+        lines.append("")
+        lines.append("GPU backends (what actually runs here, not just what imports)")
+        for b in backends:
+            lines.append(f"  {b['name']:<28} {backend_line(b)}")
 
     m = report["machine"]
     lines.append("")
@@ -119,18 +145,23 @@ def format_report(report: dict) -> str:
         lines.append(f"Plan: CLIP ViT-L/14-336 + {plan['augmenter']} ({plan['tower_precision']} tower) + {plan['llm']}, "
                      "paper preset, from ftz_edge/configs (before any export)")
         for row in plan["rows"]:
-            budget = row["gpu"]["budget"]
-            lines.append(f"  {budget.label} (Jetson / GPU layout):")
-            _format_budget(lines, budget)
-            _format_fits(lines, row["gpu"]["fits"])
+            if "gpu" in row:
+                budget = row["gpu"]["budget"]
+                lines.append(f"  {budget.label} (Jetson / GPU layout):")
+                _format_budget(lines, budget)
+                _format_fits(lines, row["gpu"]["fits"])
+            else:
+                lines.append(f"  {row['gpu_note']}")
             if "cpu" in row:
                 lines.append(f"  the same on this CPU machine ({row['cpu']['budget'].label}): "
                              f"{fmt_bytes(row['cpu']['budget'].total)}")
                 _format_fits(lines, [row["cpu"]["here"]])
             elif "cpu_note" in row:
                 lines.append(f"  {row['cpu_note']}")
-        lines.append("  assumptions: " + "; ".join(plan["rows"][0]["gpu"]["budget"].assumptions)
-                     + f"; runtime overhead {fmt_bytes(mb.OVERHEAD_GPU)} on a GPU, {fmt_bytes(mb.OVERHEAD_CPU)} on a CPU")
+        budgets = [row[where]["budget"] for row in plan["rows"] for where in ("gpu", "cpu") if where in row]
+        if budgets:
+            lines.append("  assumptions: " + "; ".join(budgets[0].assumptions)
+                         + f"; runtime overhead {fmt_bytes(mb.OVERHEAD_GPU)} on a GPU, {fmt_bytes(mb.OVERHEAD_CPU)} on a CPU")
 
     lines.append("")
     for warning in report["warnings"]:

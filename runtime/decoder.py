@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ftz_edge.runtime import device
+
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                  "tensor(int32)": np.int32}
 _DEVICE_OF_PROVIDER = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
@@ -67,8 +69,9 @@ class OnnxDecoder:
                           [names[0]["past_value_names"] % i for i in range(self.num_layers)]
         self.present_names = [names[1]["present_key_names"] % i for i in range(self.num_layers)] + \
                              [names[1]["present_value_names"] % i for i in range(self.num_layers)]
-        self.session = ort.InferenceSession(str(folder / model_file), sess_options=session_options,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        providers = list(providers or ["CPUExecutionProvider"])
+        device.preload_gpu_libraries(providers)
+        self.session = ort.InferenceSession(str(folder / model_file), sess_options=session_options, providers=providers)
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.embeds_dtype = _ORT_TO_NUMPY[types["inputs_embeds"]]
         self.cache_dtype = _ORT_TO_NUMPY[types[self.past_names[0]]]

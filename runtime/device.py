@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 # 8.x (JetPack 5) has no strongly typed networks; ftz-export's engines need 10 or newer.
 MIN_TENSORRT_MAJOR = 10
@@ -116,6 +116,31 @@ def _device_from_nvidia_smi() -> Optional[dict]:
             "total_memory": total, "source": "nvidia-smi"}
 
 
+def cuda_python_status() -> dict:
+    """What cuda-python says of the CUDA driver, for ``ftz-doctor``: {installed, version, driver
+    (the CUDA version the driver supports, "12.4"), device_count, error}. Never raises: a missing or
+    too-old driver is reported in ``error`` (e.g. ``cudaErrorInsufficientDriver (35)``)."""
+    runtime = cudart()
+    status = {"installed": runtime is not None, "version": None, "driver": None, "device_count": None, "error": None}
+    if runtime is None:
+        return status
+    try:
+        from importlib import metadata
+
+        status["version"] = metadata.version("cuda-python")
+    except Exception:  # noqa: BLE001 - cuda-bindings alone, or a vendored copy: the version is a courtesy
+        pass
+    try:
+        if hasattr(runtime, "cudaDriverGetVersion"):
+            version = cuda_call(runtime.cudaDriverGetVersion(), "cudaDriverGetVersion")
+            if version:
+                status["driver"] = f"{int(version) // 1000}.{int(version) % 1000 // 10}"
+        status["device_count"] = int(cuda_call(runtime.cudaGetDeviceCount(), "cudaGetDeviceCount"))
+    except Exception as err:  # noqa: BLE001 - no driver, wrong driver: a finding, not a crash
+        status["error"] = f"{type(err).__name__}: {err}"
+    return status
+
+
 def cuda_device() -> Optional[dict]:
     """{name, compute_capability "8.7", total_memory bytes, source} of GPU 0, or None without a GPU."""
     return _device_from_cuda_python() or _device_from_nvidia_smi()
@@ -196,3 +221,25 @@ def engine_compatible(record: dict, device: Optional[dict], trt_version: Optiona
         return False, "; ".join(problems) + ": rebuild the engine on this machine"
     note = "" if record.get("gpu_name") == device.get("name") else f" (tuned on {record.get('gpu_name')})"
     return True, f"same compute capability {device.get('compute_capability')} and TensorRT {trt_version}{note}"
+
+
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def preload_gpu_libraries(providers: Sequence[str]) -> None:
+    """Before a session on a GPU provider: let onnxruntime load the CUDA, cuDNN and TensorRT
+    libraries that pip installed (the nvidia-* wheels of the ``gpu`` extra live in site-packages,
+    where the dynamic loader does not look). ``onnxruntime.preload_dlls`` (1.21+) does exactly that;
+    an older onnxruntime, or a system install (JetPack's), finds them on the loader path and needs
+    nothing. Never raises: a library it cannot load shows up as the provider's own error."""
+    if not any(p in _GPU_PROVIDERS for p in providers):
+        return
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # noqa: BLE001 - the session's provider error is the one to report
+        pass

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ftz_edge.runtime import device
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -101,7 +103,9 @@ class OrtVision:
     def __init__(self, path: Path, providers: Optional[Sequence[str]] = None):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=choose_providers(providers))
+        providers = choose_providers(providers)
+        device.preload_gpu_libraries(providers)
+        self.session = ort.InferenceSession(str(path), providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @property
@@ -142,8 +146,6 @@ class TensorRTVision:
     provider = "TensorRT engine"
 
     def __init__(self, engine_path: Path):
-        from ftz_edge.runtime import device
-
         trt, why = device.import_tensorrt()  # one import rule: a broken install (no libnvinfer) is an OSError
         if trt is None:
             raise ImportError(f"TensorRT is not importable ({why})")

@@ -441,3 +441,259 @@ def test_plan_cli(capsys):
     assert not nano["fits"] and any(c["change"] == "INT4 LLM" and c["fits_after"] for c in nano["changes"])
     assert doctor.main(["--plan"]) == code
     assert "Jetson AGX Orin 64 GB" in capsys.readouterr().out
+
+
+# -- two ONNX Runtime builds at once --------------------------------------------------------------
+def fake_distributions(monkeypatch, installed: dict):
+    """importlib.metadata as ftz-doctor reads it, with ``installed`` (name -> version) laid over this
+    environment's real distributions (None removes one)."""
+    from ftz_edge.doctor import probes
+
+    real = probes.distribution_version
+    monkeypatch.setattr(probes, "distribution_version", lambda name: installed[name] if name in installed else real(name))
+
+
+def test_onnxruntime_and_onnxruntime_gpu_together_are_a_failure_with_the_fix(monkeypatch, capsys):
+    fake_distributions(monkeypatch, {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.23.2"})
+    code, report = run_json(capsys)
+    conflict = [p for p in report["problems"] if "ONNX Runtime builds are installed at once" in p]
+    assert code == 1 and len(conflict) == 1, report["problems"]
+    assert "onnxruntime 1.32.0, onnxruntime-gpu 1.23.2" in conflict[0]
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in conflict[0]
+    assert report["python"]["packages"]["onnxruntime-gpu"] == "1.23.2"
+    assert doctor.main([]) == 1
+    text = capsys.readouterr().out
+    assert "PROBLEM: 2 ONNX Runtime builds are installed at once" in text and "(exit status 1)" in text
+
+
+@pytest.mark.parametrize("installed", [{"onnxruntime": None, "onnxruntime-gpu": "1.23.2"},
+                                       {"onnxruntime": "1.32.0", "onnxruntime-gpu": None}])
+def test_one_onnxruntime_build_is_fine(monkeypatch, capsys, installed):
+    fake_distributions(monkeypatch, installed)
+    code, report = run_json(capsys)
+    assert code == 0 and not report["problems"], report["problems"]
+
+
+def test_any_two_onnxruntime_distributions_conflict_and_two_genai_builds_warn(monkeypatch, capsys):
+    fake_distributions(monkeypatch, {"onnxruntime": None, "onnxruntime-gpu": "1.22.0",
+                                     "onnxruntime-directml": "1.22.0", "onnxruntime-genai": "0.9.2",
+                                     "onnxruntime-genai-cuda": "0.9.2", "tensorrt-cu12": "10.13.3.9",
+                                     "tensorrt-cu13": "11.4.0.106"})
+    code, report = run_json(capsys)
+    assert code == 1
+    assert any("pip uninstall -y onnxruntime-gpu onnxruntime-directml && pip install onnxruntime-gpu" in p
+               for p in report["problems"]), report["problems"]
+    assert any("onnxruntime-genai and onnxruntime-genai-cuda are installed at once" in w for w in report["warnings"])
+    assert any("tensorrt-cu12 and tensorrt-cu13 are installed at once" in w for w in report["warnings"])
+
+
+# -- which GPU backends actually run ---------------------------------------------------------------
+class ProvidersThat:
+    """onnxruntime.InferenceSession where the ``runs`` providers work (the tiny model really runs, on
+    the CPU, and the session reports the provider, as a working GPU provider's would) and the
+    ``fails`` providers raise ``fails[provider]``, as a broken CUDA / TensorRT install does."""
+
+    def __init__(self, real, runs=(), fails=None):
+        self.real, self.runs, self.fails = real, set(runs), dict(fails or {})
+
+    def __call__(self, model, sess_options=None, providers=None, **kwargs):
+        first = providers[0] if providers else None
+        if first in self.fails:
+            raise RuntimeError(self.fails[first])
+        if first in self.runs:  # on the CPU, without the options that forbid the CPU to a GPU provider's session
+            session = self.real(model, providers=["CPUExecutionProvider"], **kwargs)
+            session.get_providers = lambda: [first, "CPUExecutionProvider"]
+            return session
+        return self.real(model, sess_options=sess_options, providers=providers, **kwargs)
+
+
+TRT_EP, CUDA_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider"
+NO_NVINFER = ("[ONNXRuntimeError] : 1 : FAIL : Load model failed: libnvinfer.so.10: cannot open shared object file: "
+              "No such file or directory")
+OLD_DRIVER = ("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 35: CUDA driver version is insufficient for CUDA "
+              "runtime version")
+
+
+def backend(report, name):
+    return next(b for b in report["gpu_backends"] if b["name"] == name)
+
+
+def test_cuda_runs_and_tensorrt_is_listed_but_fails(monkeypatch, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [TRT_EP, CUDA_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        ProvidersThat(onnxruntime.InferenceSession, runs={CUDA_EP}, fails={TRT_EP: NO_NVINFER}))
+    code, report = run_json(capsys)
+    cuda, trt = backend(report, CUDA_EP), backend(report, TRT_EP)
+    assert cuda["state"] == "runs" and cuda["needed"], cuda
+    assert trt["state"] == "fails" and "libnvinfer.so.10: cannot open shared object file" in trt["detail"], trt
+    # The runtime would give the vision graph TensorRT first: a needed provider that fails is exit 1.
+    problem = [p for p in report["problems"] if TRT_EP in p]
+    assert code == 1 and len(problem) == 1 and "libnvinfer.so.10" in problem[0], report["problems"]
+    assert "LD_LIBRARY_PATH, see docs/desktop-gpu.md" in problem[0]  # the library is missing: say where it comes from
+    assert doctor.main([]) == 1
+    text = capsys.readouterr().out
+    assert f"{CUDA_EP:<28} listed, runs (load " in text
+    assert f"{TRT_EP:<28} listed but fails: RuntimeError: {' '.join(NO_NVINFER.split())}" in text
+
+
+def test_cuda_listed_but_fails_and_tensorrt_not_listed(monkeypatch, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        ProvidersThat(onnxruntime.InferenceSession, fails={CUDA_EP: OLD_DRIVER}))
+    code, report = run_json(capsys)
+    assert backend(report, CUDA_EP)["state"] == "fails" and "driver version is insufficient" in backend(report, CUDA_EP)["detail"]
+    assert backend(report, TRT_EP)["state"] == "not listed"
+    assert code == 1
+    assert doctor.main([]) == 1
+    text = capsys.readouterr().out
+    assert f"{CUDA_EP:<28} listed but fails: RuntimeError: {OLD_DRIVER}" in text
+    assert f"{TRT_EP:<28} not listed: onnxruntime" in text and "install onnxruntime-gpu" in text
+
+
+def test_gpu_providers_that_run_exit_0(monkeypatch, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [TRT_EP, CUDA_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", ProvidersThat(onnxruntime.InferenceSession, runs={CUDA_EP, TRT_EP}))
+    code, report = run_json(capsys)
+    assert [backend(report, p)["state"] for p in (CUDA_EP, TRT_EP)] == ["runs", "runs"]
+    assert code == 0, report["problems"]
+
+
+class WrapperFallsBack:
+    """onnxruntime 1.22's Python wrapper (the JetPack 6 wheels): a provider that fails to create a
+    session is printed to stdout ("EP Error ... when using [...]") and the session retried on the
+    CPU with the same options; with the CPU fallback turned off that retry fails too, and the
+    wrapper raises the retry's error ``from`` the provider's."""
+
+    def __init__(self, real, provider, error):
+        self.real, self.provider, self.error = real, provider, error
+
+    def __call__(self, model, sess_options=None, providers=None, **kwargs):
+        kwargs.pop("enable_fallback", None)  # 1.22 takes **kwargs and ignores it
+        if not providers or providers[0] != self.provider:
+            return self.real(model, sess_options=sess_options, providers=providers, **kwargs)
+        error = RuntimeError(self.error)
+        print("*************** EP Error ***************")
+        print(f"EP Error {error} when using {providers}")
+        print("Falling back to ['CPUExecutionProvider'] and retrying.")
+        print("****************************************")
+        try:
+            return self.real(model, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+        except Exception as fallback_error:
+            raise fallback_error from error
+
+
+def test_a_provider_the_wrapper_falls_back_from_reports_the_printed_reason(monkeypatch, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [TRT_EP, "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", WrapperFallsBack(onnxruntime.InferenceSession, TRT_EP, NO_NVINFER))
+    code, report = run_json(capsys)  # the JSON parses: the wrapper's print did not reach stdout
+    trt = backend(report, TRT_EP)
+    assert trt["state"] == "fails" and trt["detail"] == f"RuntimeError: {NO_NVINFER}", trt
+    assert code == 1
+
+
+def test_onnxruntime_is_asked_not_to_fall_back(monkeypatch):
+    import onnxruntime
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def recording(model, sess_options=None, providers=None, **kwargs):
+        seen.append(kwargs)
+        return real(model, sess_options=sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    model, feeds, expected = doctor.tiny_model()
+    assert doctor.run_on_provider(model, "CPUExecutionProvider", feeds, lambda out: None)["ok"]
+    assert seen == [{"enable_fallback": 0}]
+
+
+def test_tensorrt_python_api_builds_and_runs_a_tiny_network(monkeypatch, capsys):
+    trt, cuda = install(monkeypatch, "10.3.0", ORIN)
+    code, report = run_json(capsys)
+    api = backend(report, "TensorRT Python API")
+    assert api["state"] == "runs" and api["version"] == "10.3.0", api
+    check = report["machine"]["tensorrt"]["check"]
+    assert [(s["step"], s["ok"]) for s in check["steps"]] == [("import", True), ("builder", True),
+                                                               ("tiny network build", True), ("engine run", True)]
+    assert ("build_serialized_network", True, True) in trt.calls and ("execute_async_v3",) in trt.calls
+    assert ("set_memory_pool_limit", "WORKSPACE", 64 << 20) in trt.calls
+    assert cuda.live == [] and cuda.streams == {}  # every device buffer and the stream released
+    driver = backend(report, "cuda-python (CUDA driver)")
+    assert driver["state"] == "works" and "1 device(s)" in driver["detail"]
+    assert code == 0, report["problems"]
+    assert doctor.main([]) == 0
+    text = capsys.readouterr().out
+    assert "TensorRT Python API          10.3.0 runs: import ok; builder ok; tiny network build ok (" in text
+    assert "engine run ok (deserialized and run in " in text
+
+
+@pytest.mark.parametrize("breakage, step, reason", [
+    ("builder", "builder", "TypeError: pybind11::init(): factory function returned nullptr"),
+    ("build", "tiny network build", "build_serialized_network returned None"),
+    ("execute", "engine run", "execute_async_v3 failed"),
+])
+def test_tensorrt_python_api_that_fails_says_where_and_warns(monkeypatch, capsys, breakage, step, reason):
+    trt, cuda = install(monkeypatch, "10.3.0", ORIN)
+    if breakage == "builder":
+        def no_device(logger):
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+        monkeypatch.setattr(trt, "Builder", no_device)
+    trt.build_fails = breakage == "build"
+    trt.execute_fails = breakage == "execute"
+    code, report = run_json(capsys)
+    api = backend(report, "TensorRT Python API")
+    assert api["state"] == "fails" and api["detail"].startswith(f"{step}: ") and reason in api["detail"], api
+    assert cuda.live == [] and cuda.streams == {}
+    # Optional for the runtime (it needs TensorRT only for a bundle's engine): a warning, exit 0.
+    assert code == 0 and any("TensorRT Python API fails" in w for w in report["warnings"]), report
+    assert doctor.main([]) == 0
+    assert f"TensorRT Python API          10.3.0 installed but fails: {step}: " in capsys.readouterr().out
+
+
+def test_tensorrt_without_cuda_python_builds_but_cannot_run(monkeypatch, capsys):
+    install(monkeypatch, "10.3.0", ORIN)
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime"):
+        monkeypatch.setitem(sys.modules, name, None)
+    code, report = run_json(capsys)
+    api = backend(report, "TensorRT Python API")
+    assert api["state"] == "builds" and "engine run skipped (skipped: cuda-python is not installed" in api["detail"], api
+    assert backend(report, "cuda-python (CUDA driver)")["state"] == "not installed"
+    assert code == 0
+
+
+def test_cuda_python_with_a_driver_too_old_says_so(monkeypatch, capsys):
+    import enum
+
+    class Error(enum.IntEnum):
+        cudaErrorInsufficientDriver = 35
+
+    _, cuda = install(monkeypatch, "10.3.0", ORIN)
+    monkeypatch.setattr(cuda, "cudaGetDeviceCount", lambda: (Error.cudaErrorInsufficientDriver, 0))
+    monkeypatch.setattr(cuda, "cudaDriverGetVersion", lambda: (0, 11080), raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no nvidia-smi either
+    code, report = run_json(capsys)
+    driver = backend(report, "cuda-python (CUDA driver)")
+    assert driver["state"] == "fails" and "cudaErrorInsufficientDriver (35)" in driver["detail"], driver
+    assert report["machine"]["cuda_python"]["driver"] == "11.8"
+    assert code == 0 and any("cuda-python (CUDA driver) fails" in w for w in report["warnings"])
+
+
+def test_a_plan_never_budgets_a_decoder_the_builder_cannot_make(capsys):
+    """fp32 is built for the CPU only, fp16 for CUDA only (ftz_edge.precision.LLM_PROVIDERS)."""
+    with pytest.raises(ValueError, match="an fp32 LLM is built for CPU only"):
+        mb.plan_spec(llm_precision="fp32", gpu=True)
+    with pytest.raises(ValueError, match="an fp16 LLM is built for CUDA only"):
+        mb.plan_spec(llm_precision="fp16", gpu=False)
+    code, report = run_json(capsys, "--plan", "--llm-precision", "fp32")
+    row = report["plan"]["rows"][0]
+    assert "gpu" not in row and row["gpu_note"] == "an fp32 LLM is built for the CPU only: not for a GPU"
+    assert doctor.main(["--plan", "--llm-precision", "fp32", "--llm-precision", "int4"]) == code
+    assert "an fp32 LLM is built for the CPU only" in capsys.readouterr().out
