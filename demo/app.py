@@ -7,7 +7,9 @@ Each browser session has its own ``Conversation`` (a ``gr.State``); the runtime 
 chat event runs one request at a time (concurrency limit 1, bounded queue), so two users never
 run the model at once. Bad uploads (corrupt, too large, odd modes, none at all) come back as an
 assistant message in the chat, never as a traceback. It binds 127.0.0.1 unless told otherwise
-and never opens a public link unless ``--share`` is given.
+and never opens a public link unless ``--share`` is given. After each answer the side panel
+(#ftz-timings) shows its timings and the backend and precision that gave it. The components have
+elem_ids (#ftz-image, #ftz-question, #ftz-send, #ftz-chat, ...) that tests/test_browser.py uses.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ChatSession:
     history: List[dict] = field(default_factory=list)  # the Chatbot's messages
     image_keys: List[str] = field(default_factory=list)  # the images the conversation holds
     timings: List[dict] = field(default_factory=list)  # Timings.to_dict() of each answer
+    backends: List[dict] = field(default_factory=list)  # FtZRuntime.backends that gave each answer
 
     def __deepcopy__(self, memo):  # gr.State may copy values; the runtime (ONNX sessions) is shared
         copy = ChatSession(Conversation(self.conversation.runtime))
@@ -60,6 +63,7 @@ class ChatSession:
         copy.conversation.images = list(self.conversation.images)
         copy.history = [dict(m) for m in self.history]
         copy.image_keys, copy.timings = list(self.image_keys), list(self.timings)
+        copy.backends = [dict(b) for b in self.backends]
         return copy
 
 
@@ -140,17 +144,23 @@ def make_config(max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetit
                             stop=_parse_stop(stop))
 
 
+def backend_text(backends: dict) -> str:
+    """E.g. "vision: onnxruntime (CPUExecutionProvider), fp32 · LLM: onnxruntime (CPUExecutionProvider), int4"."""
+    b = backends
+    return f"vision: {b['vision']}, {b['vision_precision']} · LLM: {b['llm']}, {b['llm_precision']}"
+
+
 def backend_markdown(runtime: FtZRuntime) -> str:
-    b = runtime.backends
-    return (f"**Backend** — vision: {b['vision']}, {b['vision_precision']} · "
-            f"LLM: {b['llm']}, {b['llm_precision']}")
+    return f"**Backend** — {backend_text(runtime.backends)}"
 
 
-def timings_markdown(runtime: FtZRuntime, timings: Optional[Timings], turn: int = 0) -> str:
-    lines = [backend_markdown(runtime)]
+def timings_markdown(runtime: FtZRuntime, timings: Optional[Timings], turn: int = 0,
+                     backends: Optional[dict] = None) -> str:
+    """The side panel: before any answer the backend that will answer; after one, which backend and
+    precision gave answer ``turn`` (``backends``, default the runtime's) and its timings."""
     if timings is None:
-        lines.append("\n*Timings of each answer appear here.*")
-        return "\n".join(lines)
+        return backend_markdown(runtime) + "\n\n*Timings of each answer appear here.*"
+    lines = [f"**Answer {turn}** — answered by {backend_text(backends or runtime.backends)}"]
     t = timings
     rows = [("preprocess", f"{t.preprocess_ms:.1f} ms"), ("vision", f"{t.vision_ms:.1f} ms" + (f" ({t.images_from_cache}/{t.images} image(s) from cache)"
                                                 if t.images_from_cache else "")),
@@ -163,7 +173,7 @@ def timings_markdown(runtime: FtZRuntime, timings: Optional[Timings], turn: int 
         rows.append(("peak RSS", f"{t.peak_rss_mb:.0f} MB"))
     if t.gpu_memory_used_mb is not None:
         rows.append(("GPU memory", f"{t.gpu_memory_used_mb:.0f} MB"))
-    lines += ["", f"**Answer {turn}**", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += [f"\n*note: {note}*" for note in t.notes]
     return "\n".join(lines)
 
@@ -185,7 +195,8 @@ def chat(runtime: FtZRuntime, session: Optional[ChatSession], image: Any, questi
     if session is None:
         session = ChatSession(Conversation(runtime))
     previous = session.timings[-1] if session.timings else None
-    panel = timings_markdown(runtime, Timings.from_dict(previous) if previous else None, len(session.timings))
+    panel = timings_markdown(runtime, Timings.from_dict(previous) if previous else None, len(session.timings),
+                             session.backends[-1] if session.backends else None)
     question = (question or "").replace(IMAGE_PLACEHOLDER, "").strip()
     if not question:  # nothing to ask: leave everything as it is
         yield session.history, panel, session, ""
@@ -249,8 +260,9 @@ def chat(runtime: FtZRuntime, session: Optional[ChatSession], image: Any, questi
     session.image_keys += [new_image.key for new_image in new_images]
     timings = generation.timings
     session.timings.append(timings.to_dict())
+    session.backends.append(dict(runtime.backends))  # what answered: shown with this answer's timings
     session.history = base + [{"role": "assistant", "content": answer.strip() or "(no answer)"}]
-    yield session.history, timings_markdown(runtime, timings, len(session.timings)), session, ""
+    yield session.history, timings_markdown(runtime, timings, len(session.timings), session.backends[-1]), session, ""
 
 
 def new_chat(runtime: FtZRuntime):
@@ -274,10 +286,10 @@ def build_app(runtime: FtZRuntime, examples: Optional[Sequence[dict]] = None) ->
                 # callback undecoded, so a corrupt or huge file becomes a chat message (Gradio's own
                 # decoding would fail before the callback, as an error toast).
                 image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"],
-                                 height=320)
+                                 height=320, elem_id="ftz-image")
                 # Several images in one question: each gets its own block of image tokens, in order.
                 more_images = gr.File(file_count="multiple", file_types=["image"], type="filepath",
-                                      label="More images for this question (optional)")
+                                      label="More images for this question (optional)", elem_id="ftz-more-images")
                 with gr.Accordion("Generation settings", open=False):
                     max_new_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -292,9 +304,9 @@ def build_app(runtime: FtZRuntime, examples: Optional[Sequence[dict]] = None) ->
                                      placeholder="Answers stream here.")
                 with gr.Row():
                     question = gr.Textbox(label="Question", placeholder="Ask about the image…", show_label=False, scale=5,
-                                          lines=1, max_lines=4, submit_btn=False)
-                    send = gr.Button("Send", variant="primary", scale=1, min_width=80)
-                clear = gr.Button("New chat", variant="secondary")
+                                          lines=1, max_lines=4, submit_btn=False, elem_id="ftz-question")
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="ftz-send")
+                clear = gr.Button("New chat", variant="secondary", elem_id="ftz-new-chat")
         if examples:
             gr.Examples(examples=[[e["image"], e["question"]] for e in examples], inputs=[image, question],
                         cache_examples=False, run_on_click=False, label="Examples (click one, then Send)")
@@ -349,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ftz-demo: %(levelname)s: %(message)s")
     try:
         # Warm start: the first visitor's answer costs what later ones do.
-        runtime = FtZRuntime(args.bundle or ensure_default_bundle(), providers=args.provider, warmup=True)
+        runtime = FtZRuntime(args.bundle or ensure_default_bundle("ftz-demo"), providers=args.provider, warmup=True)
     except (BundleError, ValueError, OSError) as err:
         print(f"ftz-demo: error: {err}", file=sys.stderr)
         return 2

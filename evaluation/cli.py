@@ -7,8 +7,8 @@
 
 Each --model is a training checkpoint (ftz_config.json) or an exported bundle (manifest.json),
 detected from its folder. Every model answers every question greedily; the table (rows =
-metrics, columns = models) is printed and written to OUT/eval.md, and OUT/eval.json adds each
-model's identity and every prediction. Bad inputs end with ``ftz-eval: error: ...`` (exit 2).
+metrics, columns = models) is printed and written to OUT/eval.md, OUT/eval.json adds each
+model's identity and every prediction, and OUT/eval.png shows the table as bars (with matplotlib). Bad inputs end with ``ftz-eval: error: ...`` (exit 2).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _options() -> DataclassOptions:
     return DataclassOptions(EvalConfig, flags={
         "models": Flag(flag="--model", metavar="[LABEL=]PATH",
                        help="checkpoint or bundle folder (repeatable; default: the shipped default model)"),
-        "out": Flag(required=True, help="folder for eval.md and eval.json"),
+        "out": Flag(required=True, help="folder for eval.md, eval.json and eval.png"),
         "pope": Flag(metavar="PATH",
                      help="folder with coco_pope_{adversarial,popular,random}.json (or its coco/), or one such file"),
         "pope_images": Flag(metavar="DIR", help="COCO val2014 images (default: val2014/ beside)"),
@@ -294,7 +294,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ftz-eval: error: {err}", file=sys.stderr)
         return 2
     print(report["table_markdown"])
-    print(f"\nwrote {report['files']['markdown']} and {report['files']['json']}", file=sys.stderr)
+    files = [report["files"][k] for k in ("markdown", "json", "chart") if k in report["files"]]
+    print(f"\nwrote {', '.join(files[:-1])} and {files[-1]}", file=sys.stderr)
     # A grader that failed (after its retries) left MM-Vet unscored: the run is not a success.
     failed = [(label, r["mmvet"]["grader_error"]) for label, r in report["results"].items()
               if "grader_error" in r.get("mmvet", {})]

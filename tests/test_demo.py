@@ -1,6 +1,7 @@
 """ftz-demo (demo/app.py): the chat callback, a real server driven by gradio_client, no torch
 imported, and the page rendered by headless Chromium (screenshot kept in test-artifacts/)."""
 
+import copy
 import io
 import json
 import os
@@ -150,17 +151,23 @@ def test_chat_streams_an_answer_and_keeps_sessions_apart(runtime, examples, COLO
     assert (timings.prompt_tokens, timings.new_tokens) == (reference.timings.prompt_tokens, reference.timings.new_tokens)
     assert "**Answer 1**" in panel and "time to first token" in panel
     assert f"{timings.prompt_tokens} tokens" in panel
-    assert runtime.backends["vision"] in panel and runtime.backends["llm_precision"] in panel
+    # Which backend and precision answered, e.g. "vision: onnxruntime (CPUExecutionProvider), fp32 · LLM: ...".
+    b = runtime.backends
+    backend = f"vision: {b['vision']}, {b['vision_precision']} · LLM: {b['llm']}, {b['llm_precision']}"
+    assert demo.backend_text(b) == backend and b["vision"].startswith("onnxruntime (") and b["llm_precision"]
+    assert f"**Answer 1** — answered by {backend}" in panel
+    assert session.backends == [b]
     assert session.timings == [timings.to_dict()] and timings.new_tokens >= 1
-    # Before the answer the panel shows no timings yet.
-    assert "Answer" not in steps[0][1] and runtime.backends["llm"] in steps[0][1]
+    # Before the answer the panel shows no timings yet, and which backend will answer.
+    assert "Answer" not in steps[0][1] and f"**Backend** — {backend}" in steps[0][1]
 
     # A follow-up in the same session, the same image still in the box: not attached again.
     *_, (history, panel, same, _) = demo.chat(runtime, session, image, follow_up)
     assert same is session and len(session.conversation.images) == 1
     assert [m["role"] for m in session.conversation.messages] == ["user", "assistant"] * 2
     assert history[-1] == {"role": "assistant", "content": expected_follow_up.strip()}
-    assert len(history) == 5 and "**Answer 2**" in panel
+    assert len(history) == 5 and f"**Answer 2** — answered by {backend}" in panel
+    assert len(session.backends) == 2 and copy.deepcopy(session).backends == session.backends
 
     # Another browser session: its own conversation; the first one is untouched.
     other_example = next(e for name, e in examples.items() if name != COLOR)
@@ -315,7 +322,7 @@ def test_gradio_client_round_trip(server, runtime, examples, tmp_path, COLOR):
     assert [m["role"] for m in history][-3:] == ["user", "user", "assistant"]
     assert history[-3]["content"][0]["type"] == "file"  # the uploaded image is shown in the chat
     assert assistant_text(history[-1]) == expected and expected
-    assert "**Answer 1**" in panel and runtime.backends["llm_precision"] in panel and box == ""
+    assert f"**Answer 1** — answered by {demo.backend_text(runtime.backends)}" in panel and box == ""
 
     # The same client (= one browser session) keeps its conversation: a follow-up without image.
     history, panel, _ = client.predict(None, "Is there a circle? Answer with one word.", api_name="/chat", **settings)

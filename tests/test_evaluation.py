@@ -340,7 +340,43 @@ def _run_cli(tmp_path, models, capsys):
     assert main(argv) == 0
     assert (out / "eval.md").is_file() and (out / "eval.json").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
-    return json.loads((out / "eval.json").read_text()), (out / "eval.md").read_text(), capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    _check_chart(out, report)
+    return report, (out / "eval.md").read_text(), capsys.readouterr().out
+
+
+def _check_chart(out, report):
+    """eval.png beside the tables is a real PNG, and what it plots is the table's numbers."""
+    from ftz_edge.evaluation.report import write_chart
+
+    with Image.open(out / "eval.png") as image:
+        image.verify()
+    with Image.open(out / "eval.png") as image:
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+        size = image.size
+    plotted = write_chart(out / "replot.png", report["models"], report["table"]["rows"])  # the same drawing
+    with Image.open(out / "replot.png") as image:
+        assert image.size == size
+    (out / "replot.png").unlink()
+    _check_plotted(plotted, report["models"], report["table"]["rows"])
+    assert "`eval.png`" in (out / "eval.md").read_text()
+
+
+def _check_plotted(plotted, models, rows):
+    """Every score of the table (% and points; not counts) is one bar of its model, nothing else is."""
+    bars = {(panel, label, metric): value for panel, by_label in plotted.items()
+            for label, values in by_label.items() for metric, value in values.items()}
+    expected = {}
+    for row in rows:
+        if row["unit"] == "":
+            continue
+        benchmark = row["metric"].split("/")[0]
+        panel = benchmark if row["unit"] == "%" else f"{benchmark} ({row['unit']})"
+        for model in models:
+            value = row["values"].get(model["label"])
+            if value is not None:
+                expected[(panel, model["label"], row["metric"])] = value
+    assert expected and bars == pytest.approx(expected)
 
 
 def _check_recomputed(report, label, truth):
@@ -385,6 +421,64 @@ def test_cli_end_to_end_with_the_default_checkpoint(tiny_benchmarks, capsys):
     f1 = report["results"]["default"]["pope"]["metrics"]["pope/random/f1"]
     row = f"| pope/random/f1 (%) | {f1:.2f} |"
     assert row in markdown and row in printed
+
+
+def test_chart_groups_scores_per_metric_and_model(tmp_path, capsys):
+    """eval.png from a made-up two-model table: per question type bars, a missing value has no
+    bar, points get their own panel, counts are not plotted; without matplotlib, one line and
+    the tables."""
+    import sys
+
+    from ftz_edge.evaluation import report as report_mod
+
+    models = [{"label": "a", "kind": "checkpoint", "runtime": "pytorch", "path": "x", "precision": {"vision": "fp32", "llm": "fp32"},
+               "tower_kind": "ftz"},
+              {"label": "b", "kind": "bundle", "runtime": "onnxruntime", "path": "y", "precision": {"vision": "fp16", "llm": "int4"},
+               "tower_kind": "ftz"}]
+    results = {"a": {"synthetic": {"metrics": {"synthetic/overall/accuracy": 60.0, "synthetic/color/accuracy": 75.0,
+                                               "synthetic/count/accuracy": 25.0, "synthetic/questions": 8},
+                                   "units": {"synthetic/overall/accuracy": "%", "synthetic/color/accuracy": "%",
+                                             "synthetic/count/accuracy": "%", "synthetic/questions": ""}},
+                     "mme": {"metrics": {"mme/perception": 150.0, "mme/questions": 4},
+                             "units": {"mme/perception": "points", "mme/questions": ""}}},
+               "b": {"synthetic": {"metrics": {"synthetic/overall/accuracy": 50.0, "synthetic/color/accuracy": 100.0,
+                                               "synthetic/questions": 8},
+                                   "units": {"synthetic/overall/accuracy": "%", "synthetic/color/accuracy": "%",
+                                             "synthetic/questions": ""}}}}
+    rows = report_mod.table_rows(models, results)
+    plotted = report_mod.write_chart(tmp_path / "chart.png", models, rows)
+    assert plotted == {"synthetic": {"a": {"synthetic/overall/accuracy": 60.0, "synthetic/color/accuracy": 75.0,
+                                           "synthetic/count/accuracy": 25.0},
+                                     "b": {"synthetic/overall/accuracy": 50.0, "synthetic/color/accuracy": 100.0}},
+                       "mme (points)": {"a": {"mme/perception": 150.0}, "b": {}}}
+    _check_plotted(plotted, models, rows)
+    with Image.open(tmp_path / "chart.png") as image:
+        assert image.format == "PNG"
+    panels = report_mod.chart_panels(models, rows)
+    assert panels["synthetic"]["metrics"] == ["synthetic/overall/accuracy", "synthetic/color/accuracy",
+                                              "synthetic/count/accuracy"]
+    assert panels["synthetic"]["values"]["b"] == [50.0, 100.0, None]
+
+    report = {"models": models, "benchmarks": {}, "settings": {}, "results": {},
+              "table": {"columns": ["a", "b"], "rows": rows}, "table_markdown": report_mod.markdown_table(models, rows)}
+    out = tmp_path / "out"
+    assert set(report_mod.write_report(out, report)) == {"json", "markdown", "chart"}
+    assert (out / "eval.png").is_file()
+
+    # No matplotlib: one line says so, the tables are written, an older chart is not left behind.
+    with pytest.MonkeyPatch.context() as patch:  # restores the modules already imported afterwards
+        for name in ("matplotlib", "matplotlib.figure"):
+            patch.setitem(sys.modules, name, None)  # makes `import matplotlib...` raise ImportError
+        capsys.readouterr()
+        assert set(report_mod.write_report(out, report)) == {"json", "markdown"}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib is not installed" in err and "tables are written" in err
+    assert (out / "eval.md").is_file() and (out / "eval.json").is_file() and not (out / "eval.png").exists()
+    assert "eval.png" not in (out / "eval.md").read_text()
+    # Only counts in the table: nothing to plot, said in one line.
+    counts = [row for row in rows if row["unit"] == ""]
+    with pytest.raises(report_mod.ChartUnavailable, match="nothing to plot"):
+        report_mod.write_chart(tmp_path / "none.png", models, counts)
 
 
 @pytest.mark.slow
