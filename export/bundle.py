@@ -3,6 +3,7 @@
 Bundle layout (everything the runtime needs, nothing else)::
 
     manifest.json              ftz_edge.manifest: files + sha256, models, preprocessing, prompt, provenance
+    README.md                  the model card (ftz_edge.model_card.bundle_card): description, parity, usage
     vision/vision.onnx         tower + projector(s), fp32 / fp16 / int8 (Q/DQ)
     vision/vision.cpu-int8.onnx  int8 only: the CPU form (dynamic int8, float parts FP32; --no-cpu-int8 skips it)
     vision/vision.engine(.json)  TensorRT engine + build record (--engine trt)
@@ -40,6 +41,7 @@ from ftz_edge.manifest import (
     TensorSpec, ValidationSection, VisionSection, check_replaceable, write_manifest,
 )
 from ftz_edge.preprocess import ANCHOR_INPUT, AUGMENTER_INPUT, ImageLoadError, encoder_pixels, load_image
+from ftz_edge.model_card import bundle_card, write_card
 
 logger = logging.getLogger("ftz_edge.export")
 DEFAULT_CHECKPOINT = DEFAULT_MODEL
@@ -412,7 +414,7 @@ def export_bundle(options: ExportOptions) -> Path:
             raise ExportError("validation targets missed (--strict): " + "; ".join(report.warnings))
 
         llm_config = model.llm.config
-        write_manifest(bundle, BundleManifest(
+        manifest = BundleManifest(
             vision=VisionSection(
                 file="vision/vision.onnx", engine=engine, precision=options.precision, **_io_spec(vision_path),
                 num_image_tokens=model.vision.num_image_tokens, tower_kind=model.config.tower.kind,
@@ -438,8 +440,20 @@ def export_bundle(options: ExportOptions) -> Path:
                         "stage_seconds": stage.seconds, "peak_rss_gib": round(_peak_rss_gib(), 2),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             validation=ValidationSection(file="reports/validation.json", passed=report.passed),
-        ))
+        )
+        # The model card (README.md) before the manifest, which lists and hashes it like every other file.
+        write_card(bundle, bundle_card(manifest, report.to_dict(), _checkpoint_evaluation(options.checkpoint)))
+        write_manifest(bundle, manifest)
     return out
+
+
+def _checkpoint_evaluation(checkpoint: str) -> Optional[dict]:
+    """The checkpoint's own evaluation record (``eval.json``, the shipped default has one), for the card."""
+    try:
+        data = json.loads((Path(checkpoint) / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def export_parser() -> tuple[argparse.ArgumentParser, DataclassOptions]:
