@@ -32,10 +32,18 @@ def detect_kind(path: Path) -> str:
         raise EvalDataError(f"model {path} does not exist" if not path.exists() else f"model {path} is not a folder")
     if (path / MANIFEST).is_file():
         return "bundle"
-    if (path / CHECKPOINT_CONFIG).is_file():
+    if (path / CHECKPOINT_CONFIG).is_file() or _is_hf_model(path):
         return "checkpoint"
     raise EvalDataError(f"model {path} is neither an exported bundle ({MANIFEST}) nor an FtZ checkpoint "
                         f"({CHECKPOINT_CONFIG})")
+
+
+def _is_hf_model(path: Path) -> bool:
+    """A transformers-format FtZ folder (config.json of model_type "ftz", ftz_edge.hf): a checkpoint too."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "ftz"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def parse_models(arguments: Sequence[str]) -> List[ModelSpec]:

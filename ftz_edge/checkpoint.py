@@ -13,6 +13,10 @@ it, so the folder can be moved. Writes go to a temporary sibling folder that is 
 place only when complete: an interrupted save never leaves a folder that looks valid. An existing
 folder is replaced only when it is an FtZ checkpoint (``check_checkpoint``). Never pickle:
 safetensors only (the LLM and encoders too: ``save_pretrained`` writes safetensors).
+
+``load_checkpoint`` also reads a transformers-format FtZ folder (config.json + model.safetensors,
+``ftz_edge.hf.FtZForConditionalGeneration.save_pretrained``), so everything that loads a
+checkpoint (ftz-export, ftz-eval, ftz-train --init-from, ftz-info) takes either.
 """
 
 from __future__ import annotations
@@ -104,6 +108,13 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
     except DestinationError as err:
         raise CheckpointError(str(err)) from None
     include_llm = model.config.llm_trained if include_llm is None else include_llm
+    # A component named by a stored folder's relative name ("anchor", "llm": the model came from a
+    # self-contained checkpoint, or a transformers-format folder that recorded those names) exists
+    # only inside its source folder: store it here too, or this checkpoint would name a missing folder.
+    tower = model.config.tower
+    include_llm = include_llm or model.config.llm in STORED_COMPONENTS
+    include_encoders = include_encoders or tower.anchor in STORED_COMPONENTS or (
+        model.vision.augmenter is not None and tower.augmenter in STORED_COMPONENTS)
     with atomic_folder(folder, check_checkpoint, "an FtZ checkpoint") as tmp:
         config = copy.deepcopy(model.config)
         if include_llm:
@@ -123,6 +134,10 @@ def save_checkpoint(model: FtZForCausalLM, folder: str | Path, include_encoders:
         config.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if "README.md" not in (extra_files or {}):  # the model card, from the model and the records beside it
+            from ftz_edge.model_card import checkpoint_card, write_card
+
+            write_card(tmp, checkpoint_card(model, folder=tmp))
     return folder
 
 
@@ -131,7 +146,20 @@ def _save_processor_spec(spec, folder: Path) -> None:
 
 
 def load_checkpoint(folder: str | Path, dtype: Optional[torch.dtype] = None) -> FtZForCausalLM:
+    """An FtZ checkpoint folder, or a transformers-format FtZ folder (config.json of model_type
+    "ftz", as ``FtZForConditionalGeneration.save_pretrained`` writes it: ftz_edge.hf), as an
+    ``FtZForCausalLM``."""
     folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and _is_hf_folder(folder):
+        from ftz_edge.hf import FtZForConditionalGeneration
+
+        try:
+            model = FtZForConditionalGeneration.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{folder} (a transformers-format FtZ model) cannot be loaded: {err}") from None
+        if model.tokenizer is None:
+            raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        return model.to_ftz()
     config = check_checkpoint(folder)
     _check_components(config, folder)
     model = FtZForCausalLM.from_config(config, base_dir=folder, dtype=dtype)
@@ -141,6 +169,14 @@ def load_checkpoint(folder: str | Path, dtype: Optional[torch.dtype] = None) -> 
         raise CheckpointError(f"{folder / WEIGHTS_NAME} is unreadable: {err}") from None
     load_trainable_weights(model, weights, source=folder / WEIGHTS_NAME)
     return model
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    path = folder / "config.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("model_type") == "ftz"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_trainable_weights(model: FtZForCausalLM, weights: dict[str, torch.Tensor], source: object = "weights") -> None:

@@ -99,39 +99,8 @@ class FtZForCausalLM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Ragged token id lists (``num_image_tokens`` IMAGE_TOKEN_IDs per image, as
         ``encode_conversation`` gives them) -> padded ``inputs_embeds``, mask, labels."""
-        embed = self.llm.get_input_embeddings()
-        device = embed.weight.device
-        tokens_per_image = self.vision.num_image_tokens
-        rows = [torch.as_tensor(list(ids), dtype=torch.long, device=device) for ids in input_ids]
-        positions = sum(int((ids == prompt.IMAGE_TOKEN_ID).sum()) for ids in rows)
-        given = 0 if anchor_pixels is None else anchor_pixels.shape[0]
-        prompt.check_image_positions(positions, given, tokens_per_image)
-        image_rows = None
-        if given:
-            image_embeds = self.vision(anchor_pixels.to(device), None if augmenter_pixels is None else augmenter_pixels.to(device))
-            if image_embeds.shape[1] != tokens_per_image:
-                raise ValueError(f"the vision model gave {image_embeds.shape[1]} tokens per image, "
-                                 f"not its num_image_tokens {tokens_per_image}")
-            image_rows = image_embeds.to(embed.weight.dtype).reshape(-1, image_embeds.shape[-1])
-
-        sequences, sequence_labels, next_row = [], [], 0
-        for row, ids in enumerate(rows):
-            is_image = ids == prompt.IMAGE_TOKEN_ID
-            # Embed text tokens (sentinels swapped for a valid id first), then scatter the images'
-            # rows into the sentinel positions, in order.
-            embeds = embed(torch.where(is_image, torch.zeros_like(ids), ids))
-            count = int(is_image.sum())
-            if count:
-                embeds = embeds.masked_scatter(is_image[:, None], image_rows[next_row:next_row + count])
-                next_row += count
-            sequences.append(embeds[: self.config.max_length])
-            if labels is not None:
-                row_labels = torch.as_tensor(list(labels[row]), dtype=torch.long, device=device)
-                if row_labels.shape != ids.shape:
-                    raise ValueError(f"row {row}: {len(row_labels)} labels for {len(ids)} token ids")
-                row_labels = row_labels.masked_fill(is_image, IGNORE_INDEX)
-                sequence_labels.append(row_labels[: self.config.max_length])
-        return _pad(sequences, sequence_labels if labels is not None else None, padding_side)
+        return splice_inputs(self.vision, self.llm, input_ids, anchor_pixels, augmenter_pixels, labels,
+                             padding_side, self.config.max_length)
 
     def forward(self, input_ids, anchor_pixels=None, augmenter_pixels=None, labels=None):
         inputs = self.build_inputs(input_ids, anchor_pixels, augmenter_pixels, labels)
@@ -152,6 +121,61 @@ class FtZForCausalLM(nn.Module):
         generate_kwargs.setdefault("do_sample", False)
         out = self.generate([ids], anchor, augmenter, max_new_tokens=max_new_tokens, **generate_kwargs)
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def splice_inputs(
+    vision: FtZVision,
+    llm: PreTrainedModel,
+    input_ids: Sequence[Sequence[int]],
+    anchor_pixels: Optional[torch.Tensor] = None,
+    augmenter_pixels: Optional[torch.Tensor] = None,
+    labels: Optional[Sequence[Sequence[int]]] = None,
+    padding_side: str = "right",
+    max_length: Optional[int] = None,
+) -> dict[str, torch.Tensor]:
+    """The splice (the one implementation: ``FtZForCausalLM.build_inputs`` and the transformers-style
+    ``ftz_edge.hf.FtZForConditionalGeneration`` both call it). Rows of token ids (lists or 1-D
+    tensors, ``vision.num_image_tokens`` IMAGE_TOKEN_IDs per image) -> padded ``inputs_embeds``,
+    ``attention_mask`` (and ``labels``, -100 at image positions); each row cut to ``max_length``."""
+    embed = llm.get_input_embeddings()
+    device = embed.weight.device
+    tokens_per_image = vision.num_image_tokens
+    rows = [ids.to(device=device, dtype=torch.long) if isinstance(ids, torch.Tensor)
+            else torch.as_tensor(list(ids), dtype=torch.long, device=device) for ids in input_ids]
+    positions = sum(int((ids == prompt.IMAGE_TOKEN_ID).sum()) for ids in rows)
+    given = 0 if anchor_pixels is None else anchor_pixels.shape[0]
+    prompt.check_image_positions(positions, given, tokens_per_image)
+    image_rows = None
+    if given:
+        image_embeds = vision(anchor_pixels.to(device), None if augmenter_pixels is None else augmenter_pixels.to(device))
+        if image_embeds.shape[1] != tokens_per_image:
+            raise ValueError(f"the vision model gave {image_embeds.shape[1]} tokens per image, "
+                             f"not its num_image_tokens {tokens_per_image}")
+        image_rows = image_embeds.to(embed.weight.dtype).reshape(-1, image_embeds.shape[-1])
+
+    sequences, sequence_labels, next_row = [], [], 0
+    for row, ids in enumerate(rows):
+        is_image = ids == prompt.IMAGE_TOKEN_ID
+        # Embed text tokens (sentinels swapped for a valid id first), then scatter the images'
+        # rows into the sentinel positions, in order.
+        embeds = embed(torch.where(is_image, torch.zeros_like(ids), ids))
+        count = int(is_image.sum())
+        if count % tokens_per_image:  # the batch total could still match with two rows off by one
+            raise ValueError(f"row {row} holds {count} image positions, not a whole number of images of "
+                             f"{tokens_per_image} tokens each: tokenize with num_image_tokens={tokens_per_image}")
+        if count:
+            embeds = embeds.masked_scatter(is_image[:, None], image_rows[next_row:next_row + count])
+            next_row += count
+        sequences.append(embeds[:max_length])
+        if labels is not None:
+            given_labels = labels[row]
+            row_labels = (given_labels.to(device=device, dtype=torch.long) if isinstance(given_labels, torch.Tensor)
+                          else torch.as_tensor(list(given_labels), dtype=torch.long, device=device))
+            if row_labels.shape != ids.shape:
+                raise ValueError(f"row {row}: {len(row_labels)} labels for {len(ids)} token ids")
+            row_labels = row_labels.masked_fill(is_image, IGNORE_INDEX)
+            sequence_labels.append(row_labels[:max_length])
+    return _pad(sequences, sequence_labels if labels is not None else None, padding_side)
 
 
 def _pad(sequences: list[torch.Tensor], labels: Optional[list[torch.Tensor]], side: str) -> dict[str, torch.Tensor]:

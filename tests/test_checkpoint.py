@@ -35,7 +35,10 @@ def test_round_trip_is_exact(tiny_components, tmp_path, kind):
     model = trained_model(tiny_components, kind)
     save_checkpoint(model, tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == [CONFIG_NAME, checkpoint.WEIGHTS_NAME]  # frozen parts referenced, not copied
+    # frozen parts referenced, not copied; README.md is the model card (ftz_edge.model_card)
+    assert files == ["README.md", CONFIG_NAME, checkpoint.WEIGHTS_NAME]
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: image-text-to-text" in card
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config == model.config
     for name, value in model.vision.trainable_state_dict().items():

@@ -59,6 +59,11 @@ def test_sentinel_count_must_match_the_image_features(model):
     # two rows, two images: the images' rows go to the rows in order
     with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
         model.build_inputs([ids, ids], *images(model, 1))
+    # two rows off by one each way: the batch total matches two images, each row does not
+    at = ids.index(prompt.IMAGE_TOKEN_ID)
+    longer, shorter = ids[:at] + [prompt.IMAGE_TOKEN_ID] + ids[at:], ids[:at] + ids[at + 1:]
+    with pytest.raises(ValueError, match=f"row 0 holds {n_img + 1} image positions"):
+        model.build_inputs([longer, shorter], *images(model, 2))
 
 
 def test_torch_and_numpy_splices_agree(model):

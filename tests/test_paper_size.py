@@ -47,8 +47,8 @@ def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, t
     assert "Traceback" not in run.stderr
 
     manifest = read_manifest(out)  # every file's sha256 checked
-    assert manifest["vision"]["precision"] == "fp16" and manifest["llm"]["precision"] == "int4"
-    assert manifest["vision"]["num_image_tokens"] == 576  # CLIP-L/14 at 336: 24 x 24 patches
+    assert manifest.vision.precision == "fp16" and manifest.llm.precision == "int4"
+    assert manifest.vision.num_image_tokens == 576  # CLIP-L/14 at 336: 24 x 24 patches
     validation = json.loads((out / "reports" / "validation.json").read_text())
     assert all(row["ok"] for row in validation["vision"] if row["ok"] is not None)
     # The fp16 tower is ~1.2 GB: one file under protobuf's limit. The fp32 weights never reach it.
@@ -56,7 +56,7 @@ def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, t
 
     # The export must stay well inside the 24 GB machines it is made on (measured: ~11 GiB; the
     # builder's child process included). A guard against a stage that loads the graph twice.
-    assert manifest["provenance"]["peak_rss_gib"] < 18, manifest["provenance"]["peak_rss_gib"]
+    assert manifest.provenance["peak_rss_gib"] < 18, manifest.provenance["peak_rss_gib"]
 
     runtime = FtZRuntime(out)
     generation = runtime.stream([{"role": "user", "content": "<image>\nWhat is in the image?"}], [str(EXAMPLE)],
@@ -66,5 +66,32 @@ def test_paper_size_checkpoint_exports_fp16_int4_and_answers(paper_checkpoint, t
     assert timings.prompt_tokens > 576 and timings.images == 1
     assert timings.new_tokens >= 1 or generation.finish_reason == "stop"
     assert isinstance("".join(pieces), str)
-    print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest['provenance'].get('peak_rss_gib')} GiB, "
-          f"bundle {sum(f['bytes'] for f in manifest['files'].values()) / 1e9:.2f} GB; {timings.summary()}")
+    print(f"\npaper-size fp16+int4: export {export_seconds:.0f} s, peak RSS {manifest.provenance.get('peak_rss_gib')} GiB, "
+          f"bundle {sum(f.bytes for f in manifest.files.values()) / 1e9:.2f} GB; {timings.summary()}")
+
+
+@pytest.mark.parametrize("llm", ["qwen2.5-0.5b", "tinyllama-1.1b"])
+def test_paper_size_hf_model_on_the_meta_device(tmp_path, llm):
+    """The transformers-style model (ftz_edge.hf) at the paper's size, shapes only (cheap: no weights,
+    not the checkpoint above): its config round-trips through config.json, and it holds exactly the
+    tower and LLM that the FtZ path builds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftz_edge.config import FtZConfig, TowerConfig
+    from ftz_edge.hf import FtZForConditionalGeneration, FtZHFConfig
+    from ftz_edge.sizes import build_reference_vision, count_parameters, reference_config
+
+    ftz = FtZConfig(tower=TowerConfig(), llm_trained=True)
+    config = FtZHFConfig.from_ftz_config(ftz, reference_config("clip-vit-large-patch14-336"),
+                                         reference_config("dinov2-large"), reference_config(llm))
+    config.save_pretrained(tmp_path)
+    config = FtZHFConfig.from_pretrained(tmp_path)
+    assert config.to_ftz_config() == ftz and config.image_seq_length == 576
+    with torch.device("meta"):
+        model = FtZForConditionalGeneration(config)
+        lm = AutoModelForCausalLM.from_config(reference_config(llm))
+    vision = build_reference_vision(TowerConfig(), llm=llm)
+    assert model.vision.fusion_layers == vision.fusion_layers == [[6, 6], [12, 12], [18, 18], [24, 24]]
+    assert count_parameters(model.vision) == count_parameters(vision)
+    assert count_parameters(model) == count_parameters(vision) + count_parameters(lm)

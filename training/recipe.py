@@ -47,6 +47,10 @@ class TrainConfig:
     strict: bool = False
     num_workers: int = 2
     save_encoders: bool = False  # copy the encoders into the final checkpoint (self-contained)
+    # Also write the final model in the transformers format (``final-hf/``: config.json + model.safetensors,
+    # FtZForConditionalGeneration.from_pretrained / AutoModelForImageTextToText; ftz_edge.hf). It holds
+    # every weight, the frozen encoders too (paper size: ~4.5 GB in fp32).
+    save_hf: bool = True
     # This stage's prompt format (ftz_edge.prompt.PROMPT_FORMATS); None: the model's own
     # (FtZConfig.prompt_format). The checkpoint it saves records the format it trained with.
     # The authors: "plain" to pretrain, "llama" for SFT (TinyLLaVA Factory's conversations).

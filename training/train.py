@@ -11,6 +11,8 @@ Output folder::
     checkpoint-0000500/          resumable: accelerate state (model, optimizer, scheduler, RNG),
         state/  model/  trainer_state.json   the FtZ checkpoint, and the data position
     final/                       the FtZ checkpoint of the finished stage (+ train_config.json)
+    final-hf/                    the same model in the transformers format (save_hf, the default):
+                                 FtZForConditionalGeneration.from_pretrained / AutoModelForImageTextToText
 
 Checkpoints are written to a temporary folder (``.checkpoint-N.tmp-HOST-PID``) and renamed, and
 only the last ``keep_last`` are kept, so an interrupted write never replaces a good checkpoint
@@ -57,6 +59,7 @@ from ftz_edge.training.recipe import (
 
 logger = logging.getLogger("ftz_edge.training")
 CHECKPOINT_PREFIX = "checkpoint-"
+HF_FINAL = "final-hf"  # the final model in the transformers format (TrainConfig.save_hf)
 
 
 @dataclass
@@ -301,12 +304,20 @@ def _log(accelerator, path: Path, bar, state: TrainerState, window: dict, schedu
             f.write(json.dumps(record) + "\n")
 
 
-def _save_model(accelerator, model, folder: Path, include_encoders: bool = False, extra_files=None) -> None:
-    """The FtZ checkpoint of the wrapped model (gathers ZeRO-3 shards on every process)."""
+def _save_model(accelerator, model, folder: Path, include_encoders: bool = False, extra_files=None,
+                hf_folder: Optional[Path] = None) -> None:
+    """The FtZ checkpoint of the wrapped model (gathers ZeRO-3 shards on every process), and with
+    ``hf_folder`` the same model in the transformers format there (ftz_edge.hf; atomic too)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), folder, include_encoders=include_encoders, state_dict=state_dict,
+        unwrapped = accelerator.unwrap_model(model)
+        save_checkpoint(unwrapped, folder, include_encoders=include_encoders, state_dict=state_dict,
                         extra_files=extra_files)
+        if hf_folder is not None:
+            from ftz_edge.hf import FtZForConditionalGeneration
+
+            # The same modules and parameter names: the gathered state dict is the HF model's.
+            FtZForConditionalGeneration.from_ftz(unwrapped).save_pretrained(hf_folder, state_dict=state_dict)
 
 
 def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: TrainerState) -> Path:
@@ -337,7 +348,8 @@ def save_training_checkpoint(accelerator, model, cfg: TrainConfig, state: Traine
 def save_final(accelerator, model, cfg: TrainConfig) -> Path:
     final = Path(cfg.output_dir) / "final"
     _save_model(accelerator, model, final, include_encoders=cfg.save_encoders,
-                extra_files={"train_config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"})
+                extra_files={"train_config.json": json.dumps(cfg.to_dict(), indent=2) + "\n"},
+                hf_folder=Path(cfg.output_dir) / HF_FINAL if cfg.save_hf else None)
     accelerator.wait_for_everyone()
     return final
 
@@ -369,7 +381,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 recipe, stage, args.data_root, args.output_dir, init_from=init_from, max_steps=args.max_steps,
                 per_device_batch_size=args.per_device_batch_size, strict=args.strict,
             )
-            if args.resume and (Path(cfg.output_dir) / "final" / "ftz_weights.safetensors").is_file():
+            finished = (Path(cfg.output_dir) / "final" / "ftz_weights.safetensors").is_file() and (
+                not cfg.save_hf or (Path(cfg.output_dir) / HF_FINAL / "config.json").is_file())
+            if args.resume and finished:
                 final = Path(cfg.output_dir) / "final"  # this stage finished before the interruption
             else:
                 resume = args.resume and latest_checkpoint(Path(cfg.output_dir)) is not None
