@@ -95,3 +95,34 @@ def test_paper_size_hf_model_on_the_meta_device(tmp_path, llm):
     assert model.vision.fusion_layers == vision.fusion_layers == [[6, 6], [12, 12], [18, 18], [24, 24]]
     assert count_parameters(model.vision) == count_parameters(vision)
     assert count_parameters(model) == count_parameters(vision) + count_parameters(lm)
+
+
+def test_paper_size_checkpoint_through_from_pretrained_and_save_pretrained(paper_checkpoint, tmp_path):
+    """The real-format checkpoint (random weights) as a transformers model: converted on load,
+    saved as one sharded folder with its card, read back by the Auto class, the same weights and
+    the same first greedy token from an image."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ftz_edge.hf import FtZForConditionalGeneration
+    from ftz_edge.processing import FtZProcessor
+
+    model = FtZForConditionalGeneration.from_pretrained(paper_checkpoint).eval()
+    processor = FtZProcessor.from_model(model)
+    inputs = processor(images=[str(EXAMPLE)], text="<image>\nWhat is in the image?", return_tensors="pt")
+    assert (inputs["input_ids"] == -200).sum() == 576
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    folder = model.save_pretrained(tmp_path / "hf", max_shard_size="1GB")
+    reference = {name: tensor.clone() for name, tensor in list(model.state_dict().items())[:8]}
+    del model
+    gc.collect()
+    assert (folder / "model.safetensors.index.json").is_file() and (folder / "README.md").is_file()
+    loaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    for name, tensor in reference.items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        again = loaded.generate(**inputs, max_new_tokens=1, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(first, again)
