@@ -27,7 +27,8 @@ def test_recorded_held_out_accuracy_is_reproduced():
     report = json.loads((DEFAULT / "eval.json").read_text())
     seed, n_test = report["settings"]["seed"], report["settings"]["test"]
     model = load_checkpoint(DEFAULT).eval()
-    examples = list(synthetic.split_examples(n_test, seed, "test"))
+    qtypes = report["settings"].get("qtypes", synthetic.QTYPES)  # the question types it was built with
+    examples = list(synthetic.split_examples(n_test, seed, "test", qtypes=qtypes))
     records = [synthetic.to_record(ex, i) for i, ex in enumerate(examples)]
     predictions = [model.answer(ex.image, ex.question + synthetic.SUFFIX, max_new_tokens=4) for ex in examples]
     result = synthetic.evaluate(records, predictions)
