@@ -54,7 +54,7 @@ CALIBRATION_IMAGES = 32
 DEFAULT_OUT = DEFAULT_MODEL
 KINDS = ("ftz", "clip", "mof")
 # The question types of the shipped model (see docs/model.md, "The shipped default model").
-DEFAULT_QTYPES = ("color", "count", "text", "exists")
+DEFAULT_QTYPES = synthetic.DEFAULT_MODEL_QTYPES
 # Fine-grained types: the answer is in detail the coarse anchor does not encode.
 FINE_GRAINED = ("text",)
 ABLATIONS = ("points1", "points2", "zero_init", "augmenter_off")
@@ -73,20 +73,20 @@ class Run:
     settings: dict = field(default_factory=dict)
 
 
-def build_components(folder: Path, seed: int, encoder_steps: int, jobs: int, batches: tuple[int, int],
-                     train_json: Path, llm_steps: int) -> tuple[dict[str, str], dict]:
+def build_components(folder: Path, seed: int, encoder_steps: tuple[int, int], jobs: int, batches: tuple[int, int],
+                     n_train: int, qtypes: tuple, llm_steps: int) -> tuple[dict[str, str], dict]:
     """Anchor and augmenter pretrained on scenes, the LLM on the training text; all from ``seed``."""
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=min(jobs, 2), initializer=_one_thread) as pool:
-        futures = {name: pool.submit(_pretrain_encoder, name, str(folder), seed, encoder_steps, batch)
-                   for name, batch in zip(("anchor", "augmenter"), batches)}
-        futures["llm"] = pool.submit(_pretrain_llm, str(folder), seed, str(train_json), llm_steps)
+        futures = {name: pool.submit(_pretrain_encoder, name, str(folder), seed, steps, batch)
+                   for name, steps, batch in zip(("anchor", "augmenter"), encoder_steps, batches)}
+        futures["llm"] = pool.submit(_pretrain_llm, str(folder), seed, n_train, qtypes, llm_steps)
         report = {name: future.result() for name, future in futures.items()}
     print("component pretraining:", json.dumps(report), flush=True)
     return {name: str(folder / name) for name in ("anchor", "augmenter", "llm")}, report
 
 
-def _pretrain_llm(folder: str, seed: int, train_json: str, steps: int) -> dict:
+def _pretrain_llm(folder: str, seed: int, n_train: int, qtypes: tuple, steps: int) -> dict:
     from ftz_edge import tiny
     from ftz_edge.training import encoder_pretrain
 
@@ -96,8 +96,9 @@ def _pretrain_llm(folder: str, seed: int, train_json: str, steps: int) -> dict:
     tiny.save_llm(llm, "qwen2", width=128, layers=2, heads=4, kv_heads=2, corpus=corpus, vocab_size=400, seed=seed + 2)
     report = {"text_pretraining": None}
     if steps:
-        records = json.loads(Path(train_json).read_text())
-        report["text_pretraining"] = encoder_pretrain.pretrain_llm_text(llm, records, steps, seed + 2)
+        # The training split's scenes (regenerated from the seed), described in words.
+        examples = list(synthetic.split_examples(n_train, seed, "train", qtypes=qtypes))
+        report["text_pretraining"] = encoder_pretrain.pretrain_llm_text(llm, examples, steps, seed + 2)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
 
@@ -328,13 +329,27 @@ def cpu_flags() -> dict:
     return info
 
 
-def _one_per_type(records: list[dict]) -> list[dict]:
-    seen, picked = set(), []
-    for record in records:
-        if record["qtype"] not in seen:
-            seen.add(record["qtype"])
-            picked.append(record)
+# Shipped examples: the first held-out record of each type in this order, then a second of the
+# fine-grained type (five in all; tests index them, and want the third to have a word answer).
+EXAMPLE_ORDER = ("exists", "count", "color", "text")
+
+
+def pick_examples(records: list[dict]) -> list[dict]:
+    picked = []
+    for qtype in EXAMPLE_ORDER:
+        picked += [r for r in records if r["qtype"] == qtype][:1 + (qtype == FINE_GRAINED[0])]
     return picked
+
+
+def write_examples(folder: Path, records: list[dict], image_root: Path) -> None:
+    folder.mkdir()
+    examples = []
+    for record in pick_examples(records):
+        shutil.copy(image_root / record["image"], folder / Path(record["image"]).name)
+        examples.append({"image": Path(record["image"]).name, "qtype": record["qtype"],
+                         "question": record["conversations"][0]["value"].replace("<image>\n", ""),
+                         "answer": record["conversations"][1]["value"]})
+    (folder / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qtypes", default=",".join(DEFAULT_QTYPES), help=f"question types, some of {synthetic.QTYPES}")
     parser.add_argument("--train", type=int, default=8000, help="training records")
     parser.add_argument("--test", type=int, default=500, help="held-out records")
-    parser.add_argument("--encoder-steps", type=int, default=1500, help="encoder pretraining steps (each)")
+    parser.add_argument("--anchor-steps", type=int, default=1000, help="anchor pretraining steps")
+    parser.add_argument("--augmenter-steps", type=int, default=800, help="augmenter pretraining steps")
     parser.add_argument("--anchor-batch", type=int, default=128, help="anchor pretraining batch")
     parser.add_argument("--augmenter-batch", type=int, default=64, help="augmenter pretraining batch (65 tokens: the slow one)")
-    parser.add_argument("--llm-steps", type=int, default=200, help="text-only LLM pretraining steps (0: random LLM)")
-    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--llm-steps", type=int, default=400, help="text-only LLM pretraining steps (0: random LLM)")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=1200)
-    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
@@ -379,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             report_file = args.components / "encoder_report.json"
             encoder_report = json.loads(report_file.read_text()) if report_file.is_file() else {"reused": str(args.components)}
         else:
-            paths, encoder_report = build_components(work / "components", args.seed, args.encoder_steps, args.jobs,
+            paths, encoder_report = build_components(work / "components", args.seed,
+                                                     (args.anchor_steps, args.augmenter_steps), args.jobs,
                                                      (args.anchor_batch, args.augmenter_batch),
-                                                     work / "data" / "train.json", args.llm_steps)
+                                                     args.train, qtypes, args.llm_steps)
             (work / "components" / "encoder_report.json").write_text(json.dumps(encoder_report, indent=2))
             if args.keep_components:
                 shutil.copytree(work / "components", args.keep_components, dirs_exist_ok=True)
@@ -402,14 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped = f"ftz-seed{seeds[0]}"
         staged = work / "staged"
         shutil.copytree(results[shipped]["final"], staged)
-        (staged / "examples").mkdir()
-        examples = []
-        for record in _one_per_type(test_records):
-            shutil.copy(work / "data" / record["image"], staged / "examples" / Path(record["image"]).name)
-            examples.append({"image": Path(record["image"]).name, "qtype": record["qtype"],
-                             "question": record["conversations"][0]["value"].replace("<image>\n", ""),
-                             "answer": record["conversations"][1]["value"]})
-        (staged / "examples" / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+        write_examples(staged / "examples", test_records, work / "data")
         # Real images for INT8 calibration (ftz-export's default --calib-images): training scenes.
         (staged / "calibration").mkdir()
         for record in json.loads((work / "data" / "train.json").read_text())[:CALIBRATION_IMAGES]:
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             # encoder_steps is None when pretrained components were re-used (their report says how they were made)
             "settings": vars(args) | {"out": str(args.out), "components": str(args.components) if args.components else None,
-                                      "keep_components": None, "encoder_steps": None if args.components else args.encoder_steps,
+                                      "keep_components": None,
                                       "qtypes": list(qtypes), "seeds": seeds, "kinds": kinds, "ablations": ablations},
             "shipped": {"run": shipped, "rule": "the FtZ model of the first seed (fixed before the build; no selection)"},
             "fine_grained_qtypes": list(FINE_GRAINED),

@@ -5,7 +5,12 @@ The roles mirror the real encoders' strengths, so that the FtZ comparison means 
 * the anchor (CLIP-like, coarse 16-px patches) learns *scene-level* semantics from its pooled
   output: which (shape, colour) pairs are present and how many shapes there are;
 * the augmenter (DINOv2-like, fine 8-px patches) learns *local detail*: for every patch, which
-  colours (and dark text strokes) it contains, plus the identity of the small written character.
+  colours (and dark text strokes) it contains, plus the identity of the small written character,
+  read from its CLS token and from every patch token (as DINOv2's patch tokens carry what the
+  image shows, not only what their own 14 px hold). Without the patch-token target the character
+  lived in the CLS token alone and a randomly initialised cross-attention, which averages over
+  all augmenter tokens, did not find it in the shipped model's budget (a probe of the fused
+  tokens read it at chance).
 
 Both are then frozen for the FtZ stages, like CLIP and DINOv2 in the paper. A linear head per
 task is trained with the encoder and thrown away afterwards.
@@ -101,8 +106,10 @@ def _augmenter_targets(pool: list, model) -> dict[str, torch.Tensor]:
 
 def _augmenter_loss(model, heads, pixels, targets):
     hidden = model(pixel_values=pixels).last_hidden_state
+    patch_char = heads["char"](hidden[:, 1:])  # every patch token too, not only CLS: see below
     return (F.binary_cross_entropy_with_logits(heads["patch"](hidden[:, 1:]), targets["patch"])
-            + F.cross_entropy(heads["char"](hidden[:, 0]), targets["char"]))
+            + F.cross_entropy(heads["char"](hidden[:, 0]), targets["char"])
+            + F.cross_entropy(patch_char.flatten(0, 1), targets["char"].repeat_interleave(patch_char.shape[1])))
 
 
 def _train(model, heads, spec, steps, seed, batch_size, targets_fn, loss_fn, name) -> list[float]:
@@ -127,11 +134,13 @@ def _train(model, heads, spec, steps, seed, batch_size, targets_fn, loss_fn, nam
     return losses
 
 
-def pretrain_llm_text(folder, records: list[dict], steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3) -> dict:
-    """Text-only pretraining of the tiny LLM on the training set's questions and answers (no
-    image): it learns the chat format and each question type's answer words, the language prior a
-    real VLM's LLM brings. Without it LLaVA's stage 1 (LLM frozen) would feed a random LLM and
-    barely train. Answer tokens (and the end of turn) are the targets; saved back into ``folder``."""
+def pretrain_llm_text(folder, examples: list, steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3) -> dict:
+    """Text-only pretraining of the tiny LLM: each training question asked about the scene's
+    description in words (``synthetic.describe``) where the image will go. It learns the chat
+    format, the answer words, and to answer from what precedes the question: the language ability
+    a real VLM's LLM brings. LLaVA's stage 1 then has something to align to (image tokens that
+    read like the description); with a random or question-only LLM the frozen-LLM stage barely
+    moves. Answer tokens (and the end of turn) are the targets; saved back into ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
     from ftz_edge import prompt
@@ -142,10 +151,9 @@ def pretrain_llm_text(folder, records: list[dict], steps: int, seed: int, batch_
     special = {k: getattr(tokenizer, k) or "" for k in ("bos_token", "eos_token")}
     template = tokenizer.chat_template
     sequences = []
-    for record in records:
-        question = record["conversations"][0]["value"].replace(synthetic.IMAGE_TOKEN + "\n", "")
-        user = {"role": "user", "content": question}
-        turn = [user, {"role": "assistant", "content": record["conversations"][1]["value"]}]
+    for ex in examples:
+        user = {"role": "user", "content": f"{synthetic.describe(ex)}\n{ex.question}{synthetic.SUFFIX}"}
+        turn = [user, {"role": "assistant", "content": ex.answer}]
         prefix = prompt.tokenize(prompt.render_chat([user], template, special, True), tokenizer.backend_tokenizer)
         full = prompt.tokenize(prompt.render_chat(turn, template, special, False), tokenizer.backend_tokenizer)
         if full[: len(prefix)] != prefix:
