@@ -296,13 +296,15 @@ def read_mme(source: Path, limit: Optional[int] = None) -> List[Question]:
 def read_synthetic(n: int, seed: int, limit: Optional[int] = None) -> List[Question]:
     """The held-out split of ``ftz_edge.training.synthetic`` (``n`` questions from ``seed``, the
     first ``limit`` of them), asked in the set's own format (the shipped default model was
-    trained on it): the question and the set's one-word suffix."""
+    trained on it): the question and the set's one-word suffix. The question types are the
+    shipped model's (``synthetic.DEFAULT_MODEL_QTYPES``), so 500 from seed 0 is its eval set."""
     from ftz_edge.training import synthetic  # numpy + Pillow only
 
     if n < 1:
         raise EvalDataError(f"the synthetic set needs at least one question, got {n}")
     questions = []
-    for i, example in enumerate(islice(synthetic.split_examples(n, seed, "test"), limit)):
+    examples = synthetic.split_examples(n, seed, "test", qtypes=synthetic.DEFAULT_MODEL_QTYPES)
+    for i, example in enumerate(islice(examples, limit)):
         record = synthetic.to_record(example, i)
         questions.append(Question(
             id=record["id"], group=example.qtype, image=example.image, image_name=f"synthetic:test:seed{seed}:{i}",

@@ -403,7 +403,7 @@ def _check_recomputed(report, label, truth):
 
     from ftz_edge.training import synthetic
 
-    examples = list(synthetic.split_examples(500, 0, "test"))[:6]
+    examples = list(synthetic.split_examples(500, 0, "test", qtypes=synthetic.DEFAULT_MODEL_QTYPES))[:6]
     records = [synthetic.to_record(ex, i) for i, ex in enumerate(examples)]
     saved = [e["prediction"] for e in results["synthetic"]["predictions"]]
     expected = synthetic.evaluate(records, saved)["overall"]["accuracy"]

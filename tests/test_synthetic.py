@@ -226,12 +226,12 @@ def test_evaluate_hand_computed():
     assert pt["position"]["correct"] == 0
     assert res["overall"]["n"] == 10 and res["overall"]["correct"] == 6
     assert res["overall"]["accuracy"] == pytest.approx(0.6)
-    # Chance as posed: 1/6 colours; count "shapes" has 4 answers, per-kind 5; 1/34 chars; 1/2.
+    # Chance as posed: 1/6 colours; count "shapes" has 4 answers, per-kind 5; 1/len(CHARSET); 1/2.
     assert pt["color"]["chance"] == pytest.approx(1 / 6)
     assert pt["count"]["chance"] == pytest.approx((1 / 4 + 1 / 5 + 1 / 5) / 3)
-    assert pt["text"]["chance"] == pytest.approx(1 / 34)
+    assert pt["text"]["chance"] == pytest.approx(1 / len(syn.CHARSET))
     assert pt["exists"]["chance"] == pt["position"]["chance"] == 0.5
-    expected = (1 / 6 + 1 / 4 + 2 / 5 + 3 / 34 + 0.5 * 3) / 10
+    expected = (1 / 6 + 1 / 4 + 2 / 5 + 3 / len(syn.CHARSET) + 0.5 * 3) / 10
     assert res["overall"]["chance"] == pytest.approx(expected)
     assert pt["count"]["majority"] == pytest.approx(1 / 3)
     macro = (1.0 + 2 / 3 + 0.0 + 2 / 3 + 0.5) / 5
