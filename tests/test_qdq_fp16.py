@@ -187,8 +187,10 @@ def test_runs_in_onnxruntime_close_to_pytorch_and_fp32_qdq(tower, converted):
         assert out.dtype == np.float32 and out.shape == tower["torch"].shape
         result = compare(tower["torch"], out)
         assert result["cosine"] >= 0.99, (optimize, result)
-        # As close to the fp32 tower as the fp32 Q/DQ graph is, within that graph's own noise.
-        assert abs(result["cosine"] - base) <= 2 * noise + 1e-4, (optimize, result["cosine"], base, noise)
+        # At least as close to the fp32 tower as the fp32 Q/DQ graph is, within that graph's own noise.
+        # One-sided: closer is no defect. (The rebuilt default model has an image where the fp32 Q/DQ
+        # graph flips an int8 rounding the fp16 one does not: cosine 0.99709 vs 0.99988 on that row.)
+        assert result["cosine"] >= base - (2 * noise + 1e-4), (optimize, result["cosine"], base, noise)
 
 
 # -- graphs over 2 GB ------------------------------------------------------------------------
