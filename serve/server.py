@@ -256,7 +256,8 @@ class ModelService:
     def submit(self, job: Job) -> None:
         """Queue ``job`` for the worker (its admission is taken over: the worker gives it back)."""
         with self._lock:
-            if self.state == "stopping":
+            if self.state == "stopping":  # admitted, then a stop signal before it reached the queue
+                self.counts["shut_down"] += 1  # answered 503 like a queued one, and counted like one
                 raise shutting_down()
             self.live.add(job)
         try:
@@ -264,6 +265,7 @@ class ModelService:
         except RuntimeError:  # the executor was shut down since the check above
             with self._lock:
                 self.live.discard(job)
+                self.counts["shut_down"] += 1
             raise shutting_down() from None
 
     def drain(self, grace_s: Optional[float] = 0.0) -> None:

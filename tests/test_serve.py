@@ -731,6 +731,23 @@ def test_text_that_reaches_the_worker_unchecked_is_still_a_400(shared_runtime, d
     assert service.counts["invalid"] == 1 and service.in_flight == 0 and service.queued_bytes == 0
 
 
+def test_a_request_admitted_just_before_a_stop_signal_is_counted_as_shut_down(shared_runtime, default_bundle):
+    """The race the SIGTERM test met once: admitted (in_flight counted), then the signal, then
+    submit: it is answered 503 and counted shut_down like a queued request (it was not counted)."""
+    from ftz_edge.runtime.generation import GenerationConfig
+    from ftz_edge.serve.server import APIError, Job, ModelService, ServeConfig
+
+    service = ModelService(ServeConfig(bundle=str(default_bundle)), runtime=shared_runtime)
+    job = Job(None, [{"role": "user", "content": "hi"}], [], GenerationConfig(max_new_tokens=2), size=10)
+    service.admit(10)
+    service.drain(None)  # the stop signal: nothing queued or running yet
+    with pytest.raises(APIError) as refused:
+        service.submit(job)
+    assert refused.value.status == 503 and refused.value.code == "shutting_down"
+    service.release(10)  # what the request handler does with a refused admission
+    assert service.counts["shut_down"] == 1 and service.in_flight == 0 and service.queued_bytes == 0
+
+
 def test_warming_server_answers_503_then_ready(default_bundle, monkeypatch):
     """Before the model is loaded and warmed up, /health says warming and requests get 503."""
     from fastapi.testclient import TestClient
