@@ -53,23 +53,23 @@ class FtZHFConfig(PretrainedConfig):
     anchor_config: dict | PretrainedConfig | None = None
     augmenter_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
-    # -- the tower (TowerConfig) ----------------------------------------------------------------
-    kind: str = "ftz"
-    num_fusion_points: int = 4
-    fusion_layers: list | None = None
-    fusion_heads: int = 8
-    fusion_init: str = "random"
-    select_layer: int = -1
-    select_feature: str = "patch"
-    augmenter_select_layer: int = -2
-    augmenter_registers: str = "keep"
-    # -- the model (FtZConfig) ------------------------------------------------------------------
-    preset: str = "paper"
-    projector_depth: int = 2
-    prompt_format: str = "chat"
-    chat_template: str | None = None
-    max_sequence_length: int = 2048
-    llm_trained: bool = False
+    # -- the tower (TowerConfig's fields, its defaults: one source for both) ---------------------
+    kind: str = TowerConfig.kind
+    num_fusion_points: int = TowerConfig.num_fusion_points
+    fusion_layers: list | None = TowerConfig.fusion_layers
+    fusion_heads: int = TowerConfig.fusion_heads
+    fusion_init: str = TowerConfig.fusion_init
+    select_layer: int = TowerConfig.select_layer
+    select_feature: str = TowerConfig.select_feature
+    augmenter_select_layer: int = TowerConfig.augmenter_select_layer
+    augmenter_registers: str = TowerConfig.augmenter_registers
+    # -- the model (FtZConfig's fields, its defaults) -------------------------------------------
+    preset: str = FtZConfig.preset
+    projector_depth: int = FtZConfig.projector_depth
+    prompt_format: str = FtZConfig.prompt_format
+    chat_template: str | None = FtZConfig.chat_template
+    max_sequence_length: int = FtZConfig.max_length  # renamed: transformers reads max_length as a generation setting
+    llm_trained: bool = FtZConfig.llm_trained
     # -- the splice: image_seq_length copies of image_token_id per image (derived, not a setting) --
     image_token_id: int = IMAGE_TOKEN_ID
     image_seq_length: int | None = None
