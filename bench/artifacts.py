@@ -32,7 +32,7 @@ from ftz_edge.atomic import atomic_folder
 
 SEED = 0
 # Bump to invalidate every cached artifact (a change in how they are built).
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: vision forms by export.forms.write_form (the CPU form's policy)
 ANCHOR = "clip-vit-large-patch14-336"
 AUGMENTERS = {"dinov2-large": "DINOv2-L/14", "dinov2-base": "DINOv2-B/14", "dinov2-small": "DINOv2-S/14"}
 LLMS = {"qwen2.5-0.5b": "Qwen2.5-0.5B", "tinyllama-1.1b": "TinyLlama-1.1B"}
@@ -185,24 +185,13 @@ def build_vision_onnx(size: str, augmenter: Optional[str], precision: str) -> li
     target = vision_onnx(size, augmenter, precision)
     info: dict = {}
     if not target.exists():
-        from ftz_edge.export import quantize
+        from ftz_edge.export.forms import write_form
 
         with atomic_folder(target.parent) as tmp:
-            if precision == "fp16":
-                info = quantize.convert_fp16(fp32, tmp / "vision.onnx", check=False)
-            elif precision == "int8":
-                # The bundle's form (QDQ, TensorRT's input), with ftz-export's default policy.
-                policy = quantize.MixedPrecisionPolicy(keep_fusion=True)
-                info = quantize.quantize_int8(fp32, tmp / "vision.onnx", calibration_samples(size), policy=policy)
-            elif precision == P.INT8_DYNAMIC:
-                # ONNX Runtime's CPU form: int8 weights, activations quantized on the fly.
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                from ftz_edge.export import onnx_io
-
-                large = onnx_io.is_large(onnx_io.total_bytes(fp32))
-                quantize_dynamic(str(fp32), str(tmp / "vision.onnx"), weight_type=QuantType.QInt8,
-                                 use_external_data_format=large)
+            # ftz-export's own writer with its default options: the bench times the files a bundle
+            # ships (int8: vision/vision.onnx of an int8 bundle; int8-dynamic: vision.cpu-int8.onnx).
+            info = write_form(fp32, tmp / "vision.onnx", precision,
+                              calibration_samples(size) if precision == P.INT8 else None)
         built.append(precision)
     info = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "fp32_op_types"}
     return [make_row("build", size, vision_label(size, augmenter), "vision ONNX", "onnxruntime", precision,

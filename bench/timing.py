@@ -100,6 +100,36 @@ def measure(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Optio
     return Measurement(samples, "ms", warmup)
 
 
+def measure_interleaved(fns: dict, repeats: int, warmup: int = 1, sync: Optional[Callable[[], None]] = None,
+                        on_sample: Optional[Callable[[], None]] = None) -> dict:
+    """:func:`measure` for several callables whose ratios are wanted (a tower and its parts): each
+    round runs every one once, starting one further along each round, so slow drift of a small
+    shared machine (another process, clock or thermal state) falls on all of them alike instead of
+    on whichever ran last. Returns name -> Measurement."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+            if on_sample:
+                on_sample()
+    samples: dict = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if sync:
+                sync()
+            start = time.perf_counter()
+            fns[name]()
+            if sync:
+                sync()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+            if on_sample:
+                on_sample()
+    return {name: Measurement(values, "ms", warmup) for name, values in samples.items()}
+
+
 def collect(run: Callable[[], dict], repeats: int, warmup: int = 1, units: Optional[dict] = None,
             higher_is_better: Sequence[str] = ()) -> dict:
     """Like :func:`measure` for a run that reports several quantities itself (a dict name ->

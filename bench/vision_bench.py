@@ -17,7 +17,7 @@ import numpy as np
 from ftz_edge.bench import artifacts
 from ftz_edge.bench.isolate import tick
 from ftz_edge.bench.results import make_row
-from ftz_edge.bench.timing import measure
+from ftz_edge.bench.timing import measure, measure_interleaved
 
 PATH_FTZ, PATH_ANCHOR, PATH_AUGMENTER, PATH_UNPRUNED = ("FtZ tower", "anchor alone", "augmenter alone",
                                                         "FtZ tower, unpruned")
@@ -87,15 +87,17 @@ def torch_case(size: str, augmenter: Optional[str], precision: str, device: str,
     for batch in batches:
         feeds = {k: torch.from_numpy(v).to(device=device, dtype=dtype) for k, v in pixel_inputs(shapes, batch).items()}
         args = list(feeds.values())
-        for path, fn in paths.items():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            with torch.inference_mode():
-                m = measure(lambda: fn(*args), repeats, warmup if not compile else max(warmup, 2), sync=sync, on_sample=tick)
-            memory = {"cuda_peak_mb": torch.cuda.max_memory_allocated() / (1 << 20)} if cuda else {}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            # The tower and its parts in interleaved rounds: the fusion overhead is a ratio of them.
+            timed = measure_interleaved({path: (lambda fn=fn: fn(*args)) for path, fn in paths.items()}, repeats,
+                                        warmup if not compile else max(warmup, 2), sync=sync, on_sample=tick)
+        memory = {"cuda_peak_mb": torch.cuda.max_memory_allocated() / (1 << 20)} if cuda else {}
+        for path, m in timed.items():
             rows.append(make_row("vision", size, artifacts.vision_label(size, augmenter), path, backend, precision, batch,
                                  {"latency_ms": m}, memory=memory,
-                                 info={"threads": torch.get_num_threads(), "device": device}))
+                                 info={"threads": torch.get_num_threads(), "device": device, "interleaved": len(timed) > 1}))
     if size != "default" or vision.augmenter is not None:
         from ftz_edge.sizes import tower_cost
 

@@ -35,6 +35,12 @@ GQA_MAX_INPUTS_1_22 = 11
 # Targets the builder makes but onnxruntime cannot load, and why (check_target says so).
 UNLOADABLE = {(precision_names.FP32, "cuda"): "its fp32 graph for CUDA does not load in onnxruntime"}
 LM_HEAD_OPS = ("MatMul", "MatMulNBits")  # fp32/fp16: MatMul; int4/int8: MatMulNBits (block-wise weights)
+# Weights per quantization scale of the int4/int8 decoders (MatMulNBits ``block_size``). 32 is the
+# builder's default and llama.cpp Q4_0's block; 128 (the usual GPTQ/AWQ group) measured 0.75x the
+# prefill time and 1.15x the decode speed of 32 for Qwen2.5-0.5B on a 2-core Zen 5, at a larger
+# weight error (docs/export.md has the figures): a speed/quality choice left to the user.
+DEFAULT_BLOCK_SIZE = 32
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 class LlmExportError(RuntimeError):
@@ -58,13 +64,24 @@ def embeddings_dtype(precision: str):
     return np.float32 if precision == precision_names.FP32 else np.float16
 
 
-def run_builder(hf_folder: Path, out: Path, precision: str, provider: str) -> None:
+def quantized(precision: str) -> bool:
+    """Whether the builder quantizes this precision's weights block-wise (MatMulNBits)."""
+    return precision in (precision_names.INT4, precision_names.INT8)
+
+
+def run_builder(hf_folder: Path, out: Path, precision: str, provider: str,
+                block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """ONNX Runtime GenAI's model builder: a Hugging Face folder -> ``out/model.onnx`` taking
     ``inputs_embeds`` (``exclude_embeds=true``) + ``genai_config.json``. Raises LlmExportError
     with the builder's last lines when it fails."""
+    extra = ["exclude_embeds=true"]
+    if quantized(precision):
+        # The option's name changed (int4_block_size, then block_size, the old one kept as an alias
+        # that 0.18 ignores): both are given, and check_block_size reads what the graph got.
+        extra += [f"block_size={block_size}", f"int4_block_size={block_size}"]
     with work_folder("ftz-builder-cache-") as cache:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
-                   "-p", precision, "-e", provider, "-c", cache, "--extra_options", "exclude_embeds=true"]
+                   "-p", precision, "-e", provider, "-c", cache, "--extra_options", *extra]
         run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0 or not (Path(out) / "model.onnx").is_file():
         tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-15:])
@@ -134,14 +151,32 @@ def trim_attention_inputs(model) -> int:
     return changed
 
 
+def block_sizes(model) -> set:
+    """The ``block_size`` of every MatMulNBits node (empty for an unquantized graph)."""
+    from onnx import helper
+
+    return {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"}
+
+
+def check_block_size(model, expected: int) -> None:
+    """Raise LlmExportError unless every quantized MatMul has ``expected`` weights per scale (a
+    builder that ignored the option would otherwise ship the wrong trade-off silently)."""
+    found = block_sizes(model)
+    if found and found != {expected}:
+        raise LlmExportError(f"asked the builder for quantization blocks of {expected} weights, its graph has "
+                             f"{', '.join(map(str, sorted(found)))}: this onnxruntime-genai does not take the option")
+
+
 def min_onnxruntime(model) -> str:
     """The oldest onnxruntime whose GroupQueryAttention schema takes this graph's nodes."""
     widest = max((len(n.input) for n in model.graph.node if n.op_type == "GroupQueryAttention"), default=0)
     return MIN_ONNXRUNTIME if widest <= GQA_MAX_INPUTS_1_22 else "1.23"
 
 
-def adapt_graph(path: Path) -> str:
+def adapt_graph(path: Path, block_size: Optional[int] = None) -> str:
     """Apply the graph passes to the decoder at ``path`` in place; returns the minimum onnxruntime.
+    ``block_size``: checked against the quantized MatMuls (None: not checked).
 
     The weights stay in the builder's external data file (loaded neither here nor rewritten), so
     a decoder of any size costs only its graph's memory.
@@ -149,6 +184,8 @@ def adapt_graph(path: Path) -> str:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    if block_size is not None:
+        check_block_size(model, block_size)
     lm_head_on_last_position(model)
     trim_attention_inputs(model)
     needed = min_onnxruntime(model)
@@ -180,12 +217,12 @@ def _builder_version(metadata) -> Optional[str]:
     return None
 
 
-def finish_decoder(out: Path, precision: str, provider: str) -> dict:
+def finish_decoder(out: Path, precision: str, provider: str, block_size: Optional[int] = None) -> dict:
     """The builder's decoder in ``out`` made the one a bundle ships: the graph passes, then the
     load check. Returns what the manifest records about it (versions, minimum onnxruntime)."""
     from importlib import metadata
 
-    needed = adapt_graph(Path(out) / "model.onnx")
+    needed = adapt_graph(Path(out) / "model.onnx", block_size if quantized(precision) else None)
     loaded_with = check_loads(Path(out) / "model.onnx", precision, provider)
     return {
         "builder": "onnxruntime_genai.models.builder (exclude_embeds=true)",
@@ -193,31 +230,40 @@ def finish_decoder(out: Path, precision: str, provider: str) -> dict:
         "onnxruntime_version": loaded_with,
         "min_onnxruntime": needed,
         "lm_head": "last position only",
+        **({"block_size": block_size} if quantized(precision) and block_size else {}),
     }
 
 
-def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str) -> dict:
+def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
     """The decoder a bundle ships, from a Hugging Face folder (ftz-export and ftz-bench): the
     builder, then ``finish_decoder``. Raises ValueError for a target refused by check_target,
     LlmExportError when the builder fails or its graph does not load."""
     check_target(precision, provider)
-    run_builder(hf_folder, out, precision, provider)
-    return finish_decoder(out, precision, provider)
+    check_block_size_option(block_size)
+    run_builder(hf_folder, out, precision, provider, block_size)
+    return finish_decoder(out, precision, provider, block_size)
 
 
-def export_llm(model, out: Path, precision: str, provider: str) -> dict:
+def check_block_size_option(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"LLM block size {block_size}: MatMulNBits takes {', '.join(map(str, BLOCK_SIZES))}")
+
+
+def export_llm(model, out: Path, precision: str, provider: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
     """Build ``out/model.onnx`` (+ its weights file and ``genai_config.json``), ``out/embed_tokens.npy``
     and ``out/tokenizer.json`` from the model's (possibly fine-tuned) LLM; returns the manifest's
     ``llm`` entry. Raises ValueError for a target the builder cannot make, LlmExportError when the
     builder fails or its decoder does not load."""
     check_target(precision, provider)
+    check_block_size_option(block_size)
     out.mkdir(parents=True, exist_ok=True)
     with work_folder("ftz-llm-") as work:
         hf_folder = Path(work) / "hf"
         # The builder reads a Hugging Face folder: write the LLM as the model holds it (trained or not).
         model.llm.save_pretrained(hf_folder)
         model.tokenizer.save_pretrained(hf_folder)
-        graph_info = build_decoder(hf_folder, out, precision, provider)
+        graph_info = build_decoder(hf_folder, out, precision, provider, block_size)
     table = model.llm.get_input_embeddings().weight.detach().float().cpu().numpy()
     table_dtype = embeddings_dtype(precision)
     np.save(out / "embed_tokens.npy", table.astype(table_dtype))

@@ -380,6 +380,7 @@ class LLMSection(_Section):
     outputs: Optional[Tuple[TensorSpec, ...]] = _spec("io", optional=True)
     min_onnxruntime: Optional[str] = _spec("str", optional=True)
     lm_head: Optional[str] = _spec("str", optional=True)
+    block_size: Optional[int] = _spec("count", optional=True)  # int4/int8: weights per scale (MatMulNBits)
     # Since ftz-edge 0.1 (older bundles: None; ftz-doctor reads genai_config.json or assumes them):
     num_attention_heads: Optional[int] = _spec("count", optional=True)
     intermediate_size: Optional[int] = _spec("count", optional=True)

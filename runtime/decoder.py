@@ -5,9 +5,15 @@ The graph (ONNX Runtime GenAI's model builder with ``exclude_embeds=true``) take
 ``logits`` and ``present.{i}.key/value``. Text tokens are embedded by looking up the exported
 embedding table, so image embeddings can be spliced in between them.
 
-The cache never goes through numpy: each step binds the previous step's ``present`` OrtValues
-as the next step's ``past`` inputs (IO binding), on whatever device the session runs on, so a
-GPU keeps the cache in device memory. The logits do come to the host. ftz-export's graph
+The cache is preallocated and never copied (``KVCache``): one (B, kv_heads, capacity, head)
+buffer per ``past`` input, allocated once per request on the session's device (a GPU keeps it in
+device memory), bound by IO binding as both the ``past`` input and the ``present`` output of every
+step. That is GroupQueryAttention's shared past/present buffer mode (ONNX Runtime GenAI's
+``past_present_share_buffer``): the kernel writes the new positions in place and reads the valid
+length from ``attention_mask``, instead of allocating a longer cache and copying the old one into
+it on every token (at Qwen2.5-0.5B's 600-token context that copy was a quarter of a decode step on
+a 2-core CPU). A cache that fills up grows by doubling (one copy, through the host). The logits do
+come to the host. ftz-export's graph
 computes the LM head inside the graph on the last position only (a Gather before the head:
 ``export/llm.py``, ``lm_head_on_last_position``), so ``logits`` are (B, 1, vocab) and one
 (vocab,) row per sequence reaches the host per step, prefill included. A decoder that returns
@@ -90,31 +96,35 @@ class OnnxDecoder:
     def _on_device(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def empty_cache(self, batch: int = 1) -> Dict[str, object]:
-        shape = (batch, self.num_kv_heads, 0, self.head_size)
-        return {name: self._on_device(np.zeros(shape, self.cache_dtype)) for name in self.past_names}
+    def empty_cache(self, batch: int = 1, capacity: Optional[int] = None) -> "KVCache":
+        """A cache for ``batch`` sequences holding ``capacity`` positions before it must grow (a
+        request knows its size: prompt + max_new_tokens; None: sized by the first step, doubled as
+        needed). Capped at the model's context length."""
+        return KVCache(self, batch, capacity)
 
     @staticmethod
-    def cache_length(cache: Dict[str, object]) -> int:
-        return next(iter(cache.values())).shape()[2]
+    def cache_length(cache: "KVCache") -> int:
+        return cache.length
 
-    def forward(self, embeds: np.ndarray, cache: Dict[str, object]) -> Tuple[np.ndarray, Dict[str, object]]:
+    def forward(self, embeds: np.ndarray, cache: "KVCache") -> Tuple[np.ndarray, "KVCache"]:
         """Run ``embeds`` (B, T, D) after the cached positions; returns the last position's logits
-        (B, vocab) (float32, on the host) and the grown cache (OrtValues, on the session's device)."""
-        past = self.cache_length(cache)
+        (B, vocab) (float32, on the host) and the cache, which now holds these T positions too (it is
+        written in place: the cache passed in is the one returned)."""
         batch, new = embeds.shape[:2]
+        cache.reserve(cache.length + new)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("inputs_embeds", self._on_device(embeds.astype(self.embeds_dtype, copy=False)))
-        binding.bind_ortvalue_input("attention_mask", self._on_device(np.ones((batch, past + new), self.mask_dtype)))
-        for name in self.past_names:
-            binding.bind_ortvalue_input(name, cache[name])
-        binding.bind_output("logits", self.device)
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        # Only its length matters to the graph (total_sequence_length; seqlens_k = its sum - 1).
+        binding.bind_ortvalue_input("attention_mask",
+                                    self._on_device(np.ones((batch, cache.length + new), self.mask_dtype)))
+        binding.bind_output("logits", self.device)  # first: get_outputs() lists outputs as bound
+        for past, present in zip(self.past_names, self.present_names):
+            binding.bind_ortvalue_input(past, cache.buffers[past])
+            binding.bind_ortvalue_output(present, cache.buffers[past])  # same memory: written in place
         self.session.run_with_iobinding(binding)
-        outputs = dict(zip(["logits", *self.present_names], binding.get_outputs()))
-        logits = outputs["logits"].numpy()[:, -1].astype(np.float32)
-        return logits, {past: outputs[present] for past, present in zip(self.past_names, self.present_names)}
+        logits = binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+        cache.length += new
+        return logits, cache
 
     def greedy(self, prompt_embeds: np.ndarray, max_new_tokens: int, eos_token_ids: Sequence[int] = ()) -> List[int]:
         """Greedy tokens after ``prompt_embeds`` (T, D) or (1, T, D): the exporter's parity check."""
@@ -128,3 +138,42 @@ class OnnxDecoder:
                 break
             logits, cache = self.forward(self.embed([token])[None], cache)
         return tokens
+
+
+class KVCache:
+    """The decoder's past keys and values: one preallocated (B, kv_heads, capacity, head_size)
+    buffer per ``past`` input on the session's device, of which the first ``length`` positions
+    are valid. ``OnnxDecoder.forward`` binds each buffer as both ``past`` and ``present``."""
+
+    GROW_MIN = 256  # spare positions at least, each time the cache (re)allocates on demand
+
+    def __init__(self, decoder: OnnxDecoder, batch: int = 1, capacity: Optional[int] = None):
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"a KV cache holds at least 1 position, not {capacity}")
+        self.decoder = decoder
+        self.batch = batch
+        self.length = 0
+        self.capacity = 0
+        self.buffers: Dict[str, object] = {}
+        if capacity is not None:
+            self._allocate(min(capacity, decoder.context_length))
+
+    def _allocate(self, capacity: int, keep: int = 0) -> None:
+        decoder = self.decoder
+        shape = (self.batch, decoder.num_kv_heads, capacity, decoder.head_size)
+        buffers = {}
+        for name in decoder.past_names:
+            array = np.zeros(shape, decoder.cache_dtype)
+            if keep:  # growing: the valid positions move into the larger buffer (through the host)
+                array[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
+            buffers[name] = decoder._on_device(array)
+        self.buffers, self.capacity = buffers, capacity
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions (a no-op while they fit; otherwise one grow)."""
+        if needed <= self.capacity:
+            return
+        if needed > self.decoder.context_length:
+            raise ValueError(f"{needed} positions do not fit the decoder's {self.decoder.context_length}-token context")
+        grown = min(max(needed + self.GROW_MIN, 2 * self.capacity), self.decoder.context_length)
+        self._allocate(grown, keep=self.length)

@@ -338,7 +338,8 @@ class FtZRuntime:
         timings.prompt_tokens = embeds.shape[0]
 
         prefill_start = time.perf_counter()
-        logits, cache = self.decoder.forward(embeds[None], self.decoder.empty_cache())
+        # The cache is allocated once, for the whole request: the prompt and every token it may add.
+        logits, cache = self.decoder.forward(embeds[None], self.decoder.empty_cache(capacity=len(ids) + max_new))
         timings.prefill_ms = (time.perf_counter() - prefill_start) * 1e3
         choose, stops = TokenChooser(config), StopChecker(config.stop)
         history = [t for t in ids if t >= 0]  # the text ids (image positions are no tokens to penalise)

@@ -11,7 +11,7 @@ import pytest
 from ftz_edge.bench import report
 from ftz_edge.bench.memory import bound_fraction, decode_bound
 from ftz_edge.bench.results import make_row, merge_samples, metric
-from ftz_edge.bench.timing import Measurement, collect, fmt, measure, ratio
+from ftz_edge.bench.timing import Measurement, collect, fmt, measure, measure_interleaved, ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,18 @@ def test_measure_runs_warmup_then_repeats():
     values = iter([{"a": 1.0}, {"a": 5.0}, {"a": 3.0}, {"a": 2.0}])
     got = collect(lambda: next(values), repeats=3, warmup=1, units={"a": "tok/s"}, higher_is_better=("a",))
     assert got["a"].samples == [5.0, 3.0, 2.0] and got["a"].unit == "tok/s" and got["a"].higher_is_better
+
+
+def test_interleaved_measurement_rotates_the_order_each_round():
+    """Warm-up of each, then rounds that start one further along: every callable runs first once
+    per len(fns) rounds, so drift over the run is shared, not loaded onto the last one."""
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    got = measure_interleaved(fns, repeats=3, warmup=1)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: (m.repeats, m.warmup) for name, m in got.items()} == {n: (3, 1) for n in "abc"}
+    with pytest.raises(ValueError):
+        measure_interleaved(fns, repeats=0)
 
 
 def test_ratio_of_medians():

@@ -21,7 +21,8 @@ from ftz_edge.export import bundle as bundle_module
 from ftz_edge.export.bundle import ExportOptions
 
 # What the hand-written parsers accepted (before they were generated): exactly these, no more.
-EXPORT_FLAGS = {"--checkpoint", "--out", "--engine", "--precision", "--llm-precision", "--llm-provider", "--calib-images",
+EXPORT_FLAGS = {"--checkpoint", "--out", "--engine", "--precision", "--llm-precision", "--llm-provider", "--llm-block-size",
+                "--calib-images",
                 "--calib-method", "--max-calib-images", "--validation-images", "--sensitivity", "--no-sensitivity",
                 "--int8-quantize-fusion", "--no-cpu-int8", "--batch-min", "--batch-opt", "--batch-max", "--workspace-gb",
                 "--timing-cache", "--strict"}
@@ -41,7 +42,7 @@ def other_value(options: DataclassOptions, f: dataclasses.Field, default):
         return [], not default
     if "choices" in kwargs:
         value = next(c for c in kwargs["choices"] if c != default)
-        return [value], value
+        return [str(value)], value  # typed as text, parsed to the choice's type
     inner = typing.get_args(typing.get_type_hints(ExportOptions)[f.name]) or (typing.get_type_hints(ExportOptions)[f.name],)
     if int in inner:
         return [str((default or 0) + 3)], (default or 0) + 3

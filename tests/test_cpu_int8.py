@@ -227,3 +227,18 @@ def test_no_cpu_int8_flag(monkeypatch, tmp_path):
     assert bundle_module.main(["--out", str(tmp_path / "b"), "--precision", "int8", "--no-cpu-int8"]) == 0
     assert bundle_module.main(["--out", str(tmp_path / "b"), "--precision", "int8"]) == 0
     assert [options.cpu_int8 for options in seen] == [False, True]
+
+
+def test_the_bench_times_the_cpu_form_ftz_export_writes(int8_bundle, tmp_path, monkeypatch):
+    """One builder, not two: ftz-bench's int8-dynamic tower of the default model is the graph an
+    int8 bundle ships as vision.cpu-int8.onnx (same nodes, same excluded nodes, same weights)."""
+    monkeypatch.setenv("FTZ_EDGE_CACHE", str(tmp_path))
+    from ftz_edge.bench import artifacts
+
+    artifacts.build_vision_onnx("default", None, "int8-dynamic")
+    benched = onnx.load(str(artifacts.vision_onnx("default", None, "int8-dynamic")))
+    shipped = onnx.load(str(int8_bundle / "vision" / "vision.cpu-int8.onnx"))
+    assert [(n.op_type, n.name) for n in benched.graph.node] == [(n.op_type, n.name) for n in shipped.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in shipped.graph.initializer}
+    for tensor in benched.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), weights[tensor.name])

@@ -134,3 +134,96 @@ def test_an_older_onnxruntime_is_refused_in_one_line():
     check_onnxruntime("1.30.0", None)
     with pytest.raises(OnnxRuntimeTooOld, match=r"needs onnxruntime >= 1.22, installed: 1.21.1"):
         check_onnxruntime("1.21.1", "1.22")
+
+
+# -- the KV cache: one preallocated buffer per layer, past and present at once ------------------
+
+def hidden_size(hf_llms):
+    import json
+
+    return json.loads((hf_llms["qwen2"] / "config.json").read_text())["hidden_size"]
+
+
+def concatenating_reference(decoder, embeds_steps):
+    """Last-position logits of each step through plain session.run, the cache grown by the graph's
+    own present outputs (GQA's concatenating mode: what the runtime did before the shared buffer)."""
+    shape = (1, decoder.num_kv_heads, 0, decoder.head_size)
+    cache = {name: np.zeros(shape, decoder.cache_dtype) for name in decoder.past_names}
+    length, out = 0, []
+    for embeds in embeds_steps:
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, length + embeds.shape[1]), decoder.mask_dtype),
+                 **cache}
+        logits, *presents = decoder.session.run(["logits", *decoder.present_names], feeds)
+        cache = dict(zip(decoder.past_names, presents))
+        length += embeds.shape[1]
+        out.append(logits[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("capacity", [None, len(PROMPT) + 1, 64])
+def test_the_shared_kv_cache_gives_the_concatenating_cache_logits(hf_llms, tmp_path, capacity):
+    """Bit-identical logits over a prompt and 12 steps, whether the cache is sized by its first step
+    (and grows), too small (grows mid-request, keeping what it held) or sized for the request."""
+    llm_export.build_decoder(hf_llms["qwen2"], tmp_path, "fp32", "cpu")
+    np.save(tmp_path / "embed_tokens.npy", np.random.default_rng(0).standard_normal((400, hidden_size(hf_llms))).astype(np.float32))
+    decoder = OnnxDecoder(tmp_path)
+    steps = [decoder.embed(PROMPT)[None]] + [decoder.embed([t])[None] for t in (7, 99, 3, 250, 11, 61, 5, 8, 13, 21, 34, 2)]
+    expected = concatenating_reference(decoder, steps)
+    cache = decoder.empty_cache(capacity=capacity)
+    for step, (embeds, reference) in enumerate(zip(steps, expected)):
+        logits, returned = decoder.forward(embeds, cache)
+        assert returned is cache and cache.length == len(PROMPT) + step
+        np.testing.assert_array_equal(logits, reference)
+    assert cache.capacity >= cache.length
+
+
+def test_a_request_sized_kv_cache_is_written_in_place(hf_llms, tmp_path):
+    """Sized for the request, the cache allocates once: every step binds the same buffers as both
+    past and present, the new positions land in them and the rest stays zero."""
+    llm_export.build_decoder(hf_llms["qwen2"], tmp_path, "fp32", "cpu")
+    np.save(tmp_path / "embed_tokens.npy", np.random.default_rng(0).standard_normal((400, hidden_size(hf_llms))).astype(np.float32))
+    decoder = OnnxDecoder(tmp_path)
+    cache = decoder.empty_cache(capacity=len(PROMPT) + 4)
+    buffers = dict(cache.buffers)
+    decoder.forward(decoder.embed(PROMPT)[None], cache)
+    for token in (7, 99, 3):
+        decoder.forward(decoder.embed([token])[None], cache)
+    assert cache.buffers == buffers and cache.capacity == len(PROMPT) + 4  # no step reallocated
+    key = cache.buffers[decoder.past_names[0]].numpy()
+    assert np.all(np.abs(key[:, :, :cache.length]).sum(-1) > 0) and not key[:, :, cache.length:].any()
+
+
+def test_a_kv_cache_past_the_context_is_refused(hf_llms, tmp_path):
+    llm_export.build_decoder(hf_llms["qwen2"], tmp_path, "fp32", "cpu")
+    np.save(tmp_path / "embed_tokens.npy", np.zeros((400, hidden_size(hf_llms)), np.float32))
+    decoder = OnnxDecoder(tmp_path)
+    cache = decoder.empty_cache(capacity=10 * decoder.context_length)
+    assert cache.capacity == decoder.context_length  # capped
+    with pytest.raises(ValueError, match=f"do not fit the decoder's {decoder.context_length}-token context"):
+        cache.reserve(decoder.context_length + 1)
+
+
+# -- the quantization block size ----------------------------------------------------------------
+
+def test_the_block_size_reaches_the_graph_and_the_record(hf_llms, tmp_path):
+    record = llm_export.build_decoder(hf_llms["qwen2"], tmp_path, "int4", "cpu", block_size=64)
+    assert llm_export.block_sizes(onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)) == {64}
+    assert record["block_size"] == 64
+
+
+def test_a_builder_that_ignores_the_block_size_is_caught():
+    from onnx import helper
+
+    def graph_with(*sizes):
+        nodes = [helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                  K=128, N=128, bits=4, block_size=size) for i, size in enumerate(sizes)]
+        return helper.make_model(helper.make_graph(nodes, "g", [], []))
+
+    llm_export.check_block_size(graph_with(128, 128), 128)
+    llm_export.check_block_size(helper.make_model(helper.make_graph([], "g", [], [])), 128)  # fp32: nothing to check
+    with pytest.raises(llm_export.LlmExportError, match="blocks of 128 weights, its graph has 32"):
+        llm_export.check_block_size(graph_with(32, 32), 128)
+    with pytest.raises(llm_export.LlmExportError, match="its graph has 32, 128"):
+        llm_export.check_block_size(graph_with(32, 128), 128)
+    with pytest.raises(ValueError, match="LLM block size 100: MatMulNBits takes 16, 32, 64, 128, 256"):
+        llm_export.check_block_size_option(100)
