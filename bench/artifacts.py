@@ -29,6 +29,7 @@ from typing import Optional
 from ftz_edge import DEFAULT_MODEL
 from ftz_edge import precision as P
 from ftz_edge.atomic import atomic_folder
+from ftz_edge.export.llm import DEFAULT_BLOCK_SIZE
 
 SEED = 0
 # Bump to invalidate every cached artifact (a change in how they are built).
@@ -105,10 +106,18 @@ def llm_hf(size: str, llm: Optional[str]) -> Path:
     return DEFAULT_MODEL / "llm" if size == "default" else llm_folder(size, llm) / "hf"
 
 
-def llm_ort(size: str, llm: Optional[str], precision: str) -> Path:
+def llm_ort(size: str, llm: Optional[str], precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
     # "-lasthead": the decoder as ftz-export ships it (LM head on the last position, GQA inputs
     # trimmed); folders cached before that change hold the builder's raw graph and are not reused.
-    return llm_folder(size, llm) / f"ort-{precision}-lasthead"
+    block = f"-b{block_size}" if block_size != DEFAULT_BLOCK_SIZE else ""
+    return llm_folder(size, llm) / f"ort-{precision}{block}-lasthead"
+
+
+def llm_precision_label(precision: str, block_size: Optional[int] = DEFAULT_BLOCK_SIZE) -> str:
+    """A decoder's precision as the tables show it: "int4", or "int4 b128" for a quantized decoder
+    whose block size is not ftz-export's default (fp32 has none)."""
+    quantized = precision in (P.INT4, P.INT8)
+    return f"{precision} b{block_size}" if quantized and block_size not in (None, DEFAULT_BLOCK_SIZE) else precision
 
 
 def is_built(path: Path) -> bool:
@@ -260,7 +269,7 @@ def _embedding_table(hf: Path):
     raise FileNotFoundError(f"no embed_tokens.weight in {hf}")
 
 
-def build_llm_ort(size: str, llm: Optional[str], precision: str) -> list[dict]:
+def build_llm_ort(size: str, llm: Optional[str], precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[dict]:
     """ORT GenAI's builder on the HF folder (as ftz-export does, ``exclude_embeds=true``), CPU."""
     import numpy as np
 
@@ -268,7 +277,7 @@ def build_llm_ort(size: str, llm: Optional[str], precision: str) -> list[dict]:
     from ftz_edge.export import llm as llm_export
 
     start = time.perf_counter()
-    out = llm_ort(size, llm, precision)
+    out = llm_ort(size, llm, precision, block_size)
     note = "reused"
     if not out.exists():
         hf = llm_hf(size, llm)
@@ -276,10 +285,11 @@ def build_llm_ort(size: str, llm: Optional[str], precision: str) -> list[dict]:
             # The decoder exactly as ftz-export writes it (one builder for both). The committed
             # --quick reference run predates this and measured the builder's raw graph (every
             # position's logits); README says so.
-            llm_export.build_decoder(hf, tmp, precision, "cpu")
+            llm_export.build_decoder(hf, tmp, precision, "cpu", block_size)
             np.save(tmp / "embed_tokens.npy", _embedding_table(hf).astype(llm_export.embeddings_dtype(precision)))
         note = "built"
-    return [make_row("build", size, llm_label(size, llm), "ORT GenAI decoder", "onnxruntime", precision, note=note,
+    return [make_row("build", size, llm_label(size, llm), "ORT GenAI decoder", "onnxruntime",
+                     llm_precision_label(precision, block_size), note=note,
                      info={"seconds": round(time.perf_counter() - start, 1), "folder": str(out)})]
 
 
@@ -375,7 +385,7 @@ def bundle_precision(bundle: Path) -> str:
         manifest = read_manifest(Path(bundle), verify=False)
     except BundleError:
         return "bundle"
-    return f"{manifest.vision.precision}/{manifest.llm.precision}"
+    return f"{manifest.vision.precision}/{llm_precision_label(manifest.llm.precision, manifest.llm.block_size)}"
 
 
 def _component_config(checkpoint: Path, name: Optional[str]) -> Optional[dict]:

@@ -34,7 +34,7 @@ PRECISIONS = (P.FP32, P.BF16, P.FP16, P.INT8, P.INT8_DYNAMIC, P.INT4, *P.GGUF_QU
 QUICK = dict(suite="vision,llm,e2e,startup", size="default,real", augmenter="dinov2-base,dinov2-large",
              llm="qwen2.5-0.5b", batch="1", repeats=3, warmup=1, new_tokens=16,
              backends="pytorch,onnxruntime,transformers,llamacpp",
-             precisions="fp32,bf16,int8,int8-dynamic,int4,q8_0,q4_0")
+             precisions="fp32,bf16,int8,int8-dynamic,int4,q8_0,q4_0", llm_block_sizes="32,128")
 
 
 def _csv(text: Optional[str], allowed=None, what="value") -> List[str]:
@@ -171,18 +171,25 @@ class Plan:
         for precision in P.LLM_PRECISIONS:
             if not self.want("onnxruntime", precision):
                 continue
-            row = make_row("llm", size, model, "LLM", "ONNX Runtime (runtime decoder)", precision, 1)
-            if precision == "fp16" and not cuda_ep:
-                self.unavailable(row, "ORT GenAI's builder makes fp16 decoders for CUDA only, and this onnxruntime "
-                                      "has no CUDA execution provider")
-                continue
-            key = self.build(f"{model} ORT {precision}", "ftz_edge.bench.artifacts:build_llm_ort",
-                             dict(size=size, llm=llm, precision=precision), artifacts.llm_ort(size, llm, precision).exists(),
-                             make_row("build", size, model, "ORT GenAI decoder", "onnxruntime", precision))
-            providers = ["CUDAExecutionProvider"] if precision == "fp16" else None
-            self.add(Case("llm", f"llm {model} ORT {precision}", "ftz_edge.bench.llm_bench:ort_case",
-                          dict(kw, precision=precision, providers=providers), row, expected_ticks=ticks,
-                          timeout=a.timeout, needs=hf + [key]))
+            # int4 / int8 at real size: one decoder per block size asked for (fp32 and fp16 have none;
+            # the tiny default LLM's layers are narrower than the larger blocks).
+            quantized = precision in (P.INT4, P.INT8) and size == "real"
+            blocks = a.llm_block_sizes if quantized else [artifacts.DEFAULT_BLOCK_SIZE]
+            for block in blocks:
+                label = artifacts.llm_precision_label(precision, block)
+                row = make_row("llm", size, model, "LLM", "ONNX Runtime (runtime decoder)", label, 1)
+                if precision == "fp16" and not cuda_ep:
+                    self.unavailable(row, "ORT GenAI's builder makes fp16 decoders for CUDA only, and this onnxruntime "
+                                          "has no CUDA execution provider")
+                    continue
+                key = self.build(f"{model} ORT {label}", "ftz_edge.bench.artifacts:build_llm_ort",
+                                 dict(size=size, llm=llm, precision=precision, block_size=block),
+                                 artifacts.llm_ort(size, llm, precision, block).exists(),
+                                 make_row("build", size, model, "ORT GenAI decoder", "onnxruntime", label))
+                providers = ["CUDAExecutionProvider"] if precision == "fp16" else None
+                self.add(Case("llm", f"llm {model} ORT {label}", "ftz_edge.bench.llm_bench:ort_case",
+                              dict(kw, precision=precision, providers=providers, block_size=block), row,
+                              expected_ticks=ticks, timeout=a.timeout, needs=hf + [key]))
         quants = [q for q in P.GGUF_QUANTS if self.want("llamacpp", q)]
         if quants:
             from ftz_edge.bench import llamacpp
@@ -380,6 +387,9 @@ def parse_args(argv=None):
     p.add_argument("--llm", default="qwen2.5-0.5b,tinyllama-1.1b", help="real-size LLMs: " + ", ".join(artifacts.LLMS))
     p.add_argument("--backends", help="only these: " + ", ".join(VISION_BACKENDS + LLM_BACKENDS))
     p.add_argument("--precisions", help="only these: " + ", ".join(PRECISIONS))
+    p.add_argument("--llm-block-sizes", default=str(artifacts.DEFAULT_BLOCK_SIZE),
+                   help="int4/int8 decoders: one row per quantization block size (ftz-export --llm-block-size; "
+                        f"default {artifacts.DEFAULT_BLOCK_SIZE}, its default)")
     p.add_argument("--batch", help="vision batch sizes (default 1,4; 1,4,8 on a GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="discarded runs before them (default 1)")
@@ -414,6 +424,9 @@ def parse_args(argv=None):
     args.llms = _csv(args.llm, artifacts.LLMS, "LLM")
     args.backends = _csv(args.backends, VISION_BACKENDS + LLM_BACKENDS, "backend")
     args.precisions = _csv(args.precisions, PRECISIONS, "precision")
+    from ftz_edge.export.llm import BLOCK_SIZES
+
+    args.llm_block_sizes = [int(b) for b in _csv(args.llm_block_sizes, [str(b) for b in BLOCK_SIZES], "LLM block size")]
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 2:
         p.error("--repeats must be ≥ 1, --warmup ≥ 0, --new-tokens ≥ 2")
     for bundle in args.e2e_bundle or []:
@@ -474,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bounds.annotate(rows, machine, bandwidth, compute, {"command": command, "created": created})
     options = {k: v for k, v in vars(args).items() if k in (
         "suites", "sizes", "augmenters", "llms", "backends", "precisions", "batches", "repeats", "warmup",
-        "new_tokens", "quick", "bundle", "e2e_bundle", "e2e_checkpoint")}
+        "new_tokens", "quick", "bundle", "e2e_bundle", "e2e_checkpoint", "llm_block_sizes")}
     results = {"device": device_slug(machine), "machine": machine, "bandwidth": bandwidth, "compute": compute,
                "options": options, "command": command, "created": created,
                "seconds": round(time.perf_counter() - started, 1), "rows": rows, "notes": plan.notes}

@@ -114,11 +114,11 @@ def transformers_case(size: str, llm: Optional[str], precision: str, device: str
 
 
 def ort_case(size: str, llm: Optional[str], precision: str, new_tokens: int, repeats: int, warmup: int,
-             providers: Optional[list] = None) -> list[dict]:
+             providers: Optional[list] = None, block_size: int = artifacts.DEFAULT_BLOCK_SIZE) -> list[dict]:
     """The runtime's decoder (ftz_edge.runtime.decoder.OnnxDecoder) on the ORT GenAI build."""
     from ftz_edge.runtime.decoder import OnnxDecoder
 
-    folder = artifacts.llm_ort(size, llm, precision)
+    folder = artifacts.llm_ort(size, llm, precision, block_size)
     decoder = OnnxDecoder(folder, providers=providers)
     prompt_len = image_tokens(size) + artifacts.TEXT_TOKENS
     width = decoder.embeddings.shape[1]
@@ -127,7 +127,8 @@ def ort_case(size: str, llm: Optional[str], precision: str, new_tokens: int, rep
     state = {}
 
     def prefill():
-        logits, state["cache"] = decoder.forward(embeds, decoder.empty_cache())
+        # The cache sized for the whole generation, as the runtime sizes it for a request.
+        logits, state["cache"] = decoder.forward(embeds, decoder.empty_cache(capacity=prompt_len + new_tokens))
         return int(logits[0].argmax())
 
     def step(token):
@@ -136,5 +137,6 @@ def ort_case(size: str, llm: Optional[str], precision: str, new_tokens: int, rep
 
     metrics = collect(_generation_run(prefill, step, prompt_len, new_tokens), repeats, warmup, UNITS, FASTER_IS_HIGHER)
     weight_bytes = artifacts.folder_bytes(folder)
-    return [_row(size, llm, "LLM", "ONNX Runtime (runtime decoder)", precision, metrics, weight_bytes,
-                 {"provider": decoder.provider, "new_tokens": new_tokens}, None, prompt_len)]
+    return [_row(size, llm, "LLM", "ONNX Runtime (runtime decoder)", artifacts.llm_precision_label(precision, block_size),
+                 metrics, weight_bytes, {"provider": decoder.provider, "new_tokens": new_tokens, "block_size": block_size},
+                 None, prompt_len)]

@@ -112,15 +112,17 @@ class OnnxDecoder:
         written in place: the cache passed in is the one returned)."""
         batch, new = embeds.shape[:2]
         cache.reserve(cache.length + new)
-        binding = self.session.io_binding()
+        binding = cache.binding
+        if binding is None:  # once per allocation: the cache buffers stay bound from step to step
+            binding = cache.binding = self.session.io_binding()
+            binding.bind_output("logits", self.device)  # first: get_outputs() lists outputs as bound
+            for past, present in zip(self.past_names, self.present_names):
+                binding.bind_ortvalue_input(past, cache.buffers[past])
+                binding.bind_ortvalue_output(present, cache.buffers[past])  # same memory: written in place
         binding.bind_ortvalue_input("inputs_embeds", self._on_device(embeds.astype(self.embeds_dtype, copy=False)))
         # Only its length matters to the graph (total_sequence_length; seqlens_k = its sum - 1).
         binding.bind_ortvalue_input("attention_mask",
                                     self._on_device(np.ones((batch, cache.length + new), self.mask_dtype)))
-        binding.bind_output("logits", self.device)  # first: get_outputs() lists outputs as bound
-        for past, present in zip(self.past_names, self.present_names):
-            binding.bind_ortvalue_input(past, cache.buffers[past])
-            binding.bind_ortvalue_output(present, cache.buffers[past])  # same memory: written in place
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
         cache.length += new
@@ -155,6 +157,7 @@ class KVCache:
         self.length = 0
         self.capacity = 0
         self.buffers: Dict[str, object] = {}
+        self.binding = None  # the IO binding with these buffers bound (OnnxDecoder.forward makes it)
         if capacity is not None:
             self._allocate(min(capacity, decoder.context_length))
 
@@ -167,7 +170,7 @@ class KVCache:
             if keep:  # growing: the valid positions move into the larger buffer (through the host)
                 array[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
             buffers[name] = decoder._on_device(array)
-        self.buffers, self.capacity = buffers, capacity
+        self.buffers, self.capacity, self.binding = buffers, capacity, None
 
     def reserve(self, needed: int) -> None:
         """Make room for ``needed`` positions (a no-op while they fit; otherwise one grow)."""

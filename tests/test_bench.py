@@ -266,6 +266,25 @@ def test_quick_preset_and_explicit_options():
         cli.parse_args(["--suite", "nonsense"])
 
 
+def test_one_decoder_row_per_block_size_at_real_size(monkeypatch):
+    """--llm-block-sizes: int4/int8 decoders at real size once per block size (labelled when not
+    ftz-export's default, each its own cached folder); fp32 and the tiny model's once."""
+    from ftz_edge.bench import artifacts, cli, llamacpp
+
+    monkeypatch.setattr(llamacpp, "availability", lambda probe=True: (False, "not installed"))
+    _, args = cli.parse_args(["--suite", "llm", "--size", "default,real", "--llm", "qwen2.5-0.5b", "--repeats", "1",
+                              "--backends", "onnxruntime", "--llm-block-sizes", "32,128"])
+    plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
+    measured = sorted(c.label for c in plan.cases if c.target.endswith("llm_bench:ort_case"))
+    assert measured == sorted([f"llm {model} ORT {p}" for model in ("default (tiny Qwen2)",) for p in ("fp32", "int8", "int4")]
+                              + [f"llm Qwen2.5-0.5B ORT {p}" for p in ("fp32", "int8", "int8 b128", "int4", "int4 b128")])
+    assert artifacts.llm_ort("real", "qwen2.5-0.5b", "int4", 128) != artifacts.llm_ort("real", "qwen2.5-0.5b", "int4")
+    assert artifacts.llm_precision_label("fp32", 128) == "fp32" and artifacts.llm_precision_label("int4", None) == "int4"
+    assert cli.parse_args(["--quick"])[1].llm_block_sizes == [32, 128]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--llm-block-sizes", "100"])
+
+
 # -- a real run on the shipped default model ------------------------------------------------------
 
 
