@@ -385,6 +385,11 @@ def bundle_precision(bundle: Path) -> str:
         manifest = read_manifest(Path(bundle), verify=False)
     except BundleError:
         return "bundle"
+    return manifest_precision(manifest)
+
+
+def manifest_precision(manifest) -> str:
+    """A bundle's precisions as the tables show them: "int8/int4", "int8/int4 b128"."""
     return f"{manifest.vision.precision}/{llm_precision_label(manifest.llm.precision, manifest.llm.block_size)}"
 
 

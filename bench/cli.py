@@ -228,8 +228,12 @@ class Plan:
             for given in a.e2e_bundle:
                 bundle = Path(given)
                 checkpoint = Path(a.e2e_checkpoint) if a.e2e_checkpoint else artifacts.bundle_checkpoint(bundle)
-                bundles.append((bundle, checkpoint, artifacts.e2e_label(bundle, checkpoint),
-                                artifacts.bundle_precision(bundle), []))
+                label, precision = artifacts.e2e_label(bundle, checkpoint), artifacts.bundle_precision(bundle)
+                twin = next((b for b, _, other, same, _ in bundles if (other, same) == (label, precision)), None)
+                if twin is not None:  # their rows, and the ratios keyed by them, would be one
+                    raise SystemExit(f"ftz-bench: error: --e2e-bundle {twin} and {bundle} are both {precision} bundles "
+                                     f"of {label}: their rows would share one name; bench them in separate runs")
+                bundles.append((bundle, checkpoint, label, precision, []))
         else:
             bundle, label = artifacts.paper_bundle(), artifacts.paper_label()
             options = artifacts.PAPER_BUNDLE_OPTIONS

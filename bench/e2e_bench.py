@@ -47,7 +47,7 @@ def _runtime(bundle: str, warmup: bool = False):
 
 def _model_label(runtime) -> str:
     m = runtime.manifest
-    return f"bundle: vision {m.vision.precision}, LLM {m.llm.precision}"
+    return f"bundle: vision {m.vision.precision}, LLM {artifacts.llm_precision_label(m.llm.precision, m.llm.block_size)}"
 
 
 def bundle_facts(runtime) -> dict:
@@ -59,7 +59,8 @@ def bundle_facts(runtime) -> dict:
     return {"bundle_bytes": sum(f.bytes for f in m.files.values()),
             "export_seconds": provenance.get("export_seconds"), "export_stage_seconds": provenance.get("stage_seconds"),
             "export_peak_rss_gib": provenance.get("peak_rss_gib", provenance.get("peak_rss_gb")), "export_options": provenance.get("options"),
-            "vision_precision": m.vision.precision, "llm_precision": m.llm.precision,
+            "vision_precision": m.vision.precision,
+            "llm_precision": artifacts.llm_precision_label(m.llm.precision, m.llm.block_size),
             "weight_bytes_per_token": artifacts.folder_bytes(runtime.bundle / m.llm.folder)}
 
 
@@ -134,7 +135,7 @@ def e2e_case(bundle: Optional[str], new_tokens: int, repeats: int, warmup: int, 
             "prompt_tokens": generation.timings.prompt_tokens, "backends": runtime.backends,
             "checkpoint": checkpoint, **bundle_facts(runtime)}
     return [make_row("e2e", size, model or _model_label(runtime), "image + question -> answer", "ftz_edge runtime",
-                     f"{runtime.manifest.vision.precision}/{runtime.manifest.llm.precision}", 1,
+                     artifacts.manifest_precision(runtime.manifest), 1,
                      metrics, info=info)]
 
 
@@ -243,5 +244,5 @@ def startup_case(bundle: Optional[str], mode: str, new_tokens: int, later: int =
     metrics = {k: Measurement([v], "ms") for k, v in values.items()}
     label = "cold start (warmup=False)" if mode == "cold" else "warm start (warmup=True)"
     return [make_row("startup", "default", _model_label(runtime), label, "ftz_edge runtime",
-                     f"{runtime.manifest.vision.precision}/{runtime.manifest.llm.precision}", 1, metrics,
+                     artifacts.manifest_precision(runtime.manifest), 1, metrics,
                      info={"bundle": bundle, "later_requests": later})]

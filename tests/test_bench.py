@@ -285,6 +285,16 @@ def test_one_decoder_row_per_block_size_at_real_size(monkeypatch):
         cli.parse_args(["--llm-block-sizes", "100"])
 
 
+def test_two_e2e_bundles_with_one_name_are_refused(default_bundle, tmp_path):
+    """Two bundles of one model at the same precisions would give rows (and ratios) of one name."""
+    from ftz_edge.bench import cli
+
+    _, args = cli.parse_args(["--suite", "e2e", "--size", "real", "--repeats", "1",
+                              "--e2e-bundle", str(default_bundle), "--e2e-bundle", str(default_bundle)])
+    with pytest.raises(SystemExit, match="are both fp32/fp32 bundles of .*: their rows would share one name"):
+        cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
+
+
 # -- a real run on the shipped default model ------------------------------------------------------
 
 
