@@ -526,6 +526,8 @@ def test_readme_accuracy_table_is_the_committed_result():
     overall = " | ".join(f"{m['synthetic/overall/accuracy']:.1f} %" for m in metrics)
     pairs = " | ".join(f"{m['synthetic/color/accuracy']:.0f} / {m['synthetic/count/accuracy']:.0f} %" for m in metrics)
     assert f"| overall | {overall} |" in readme and f"| colour / count | {pairs} |" in readme
+    text = " | ".join(f"{m['synthetic/text/accuracy']:.1f} %" for m in metrics)
+    assert f"| text (the digit) | {text} |" in readme
     # Per-answer agreement with PyTorch: an accuracy that stays put can hide many changed answers.
     reference = {p["id"]: p["prediction"] for p in results["pytorch-fp32"]["synthetic"]["predictions"]}
     agreement = []
