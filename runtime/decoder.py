@@ -119,6 +119,8 @@ class OnnxDecoder:
             for past, present in zip(self.past_names, self.present_names):
                 binding.bind_ortvalue_input(past, cache.buffers[past])
                 binding.bind_ortvalue_output(present, cache.buffers[past])  # same memory: written in place
+        else:  # unallocated again: after a run the binding holds that run's logits, whose shape may not fit this one
+            binding.bind_output("logits", self.device)
         binding.bind_ortvalue_input("inputs_embeds", self._on_device(embeds.astype(self.embeds_dtype, copy=False)))
         # Only its length matters to the graph (total_sequence_length; seqlens_k = its sum - 1).
         binding.bind_ortvalue_input("attention_mask",
