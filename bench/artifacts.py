@@ -282,9 +282,7 @@ def build_llm_ort(size: str, llm: Optional[str], precision: str, block_size: int
     if not out.exists():
         hf = llm_hf(size, llm)
         with atomic_folder(out) as tmp:
-            # The decoder exactly as ftz-export writes it (one builder for both). The committed
-            # --quick reference run predates this and measured the builder's raw graph (every
-            # position's logits); README says so.
+            # The decoder exactly as ftz-export writes it (one builder for both).
             llm_export.build_decoder(hf, tmp, precision, "cpu", block_size)
             np.save(tmp / "embed_tokens.npy", _embedding_table(hf).astype(llm_export.embeddings_dtype(precision)))
         note = "built"
