@@ -13,6 +13,7 @@ saved separately (``embed_tokens.npy``) for the runtime to look text tokens up.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,8 @@ def finish_decoder(out: Path, precision: str, provider: str, block_size: Optiona
     from importlib import metadata
 
     needed = adapt_graph(Path(out) / "model.onnx", block_size if quantized(precision) else None)
+    if precision == precision_names.INT8_DYNAMIC:
+        quantize_dynamic_int8(Path(out) / "model.onnx")
     loaded_with = check_loads(Path(out) / "model.onnx", precision, provider)
     return {
         "builder": "onnxruntime_genai.models.builder (exclude_embeds=true)",
@@ -234,6 +237,26 @@ def finish_decoder(out: Path, precision: str, provider: str, block_size: Optiona
     }
 
 
+def quantize_dynamic_int8(path: Path) -> None:
+    """The fp32 decoder at ``path`` made ``int8-dynamic`` in place: ONNX Runtime's dynamic
+    quantization of its MatMuls with constant weights (per output channel int8 weights, activations
+    quantized per tensor at run time: MatMulInteger, the CPU provider's VNNI / AVX-512 kernels).
+    GroupQueryAttention, norms and the embedding lookup stay fp32; the LM head, already fed the last
+    position only, is quantized too. Its prefill is the fastest of the CPU decoders (docs/export.md);
+    its weights read per token are those of ``int8``. Weights stay in an external data file."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    with work_folder("ftz-int8-dynamic-") as work:
+        target = Path(work) / path.name
+        quantize_dynamic(str(path), str(target), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=True, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        for stale in path.parent.glob(path.name + "*"):  # the fp32 graph and its weights file
+            stale.unlink()
+        for made in Path(work).iterdir():
+            os.replace(made, path.parent / made.name)
+
+
 def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str,
                   block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
     """The decoder a bundle ships, from a Hugging Face folder (ftz-export and ftz-bench): the
@@ -241,6 +264,9 @@ def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str,
     LlmExportError when the builder fails or its graph does not load."""
     check_target(precision, provider)
     check_block_size_option(block_size)
+    if precision == precision_names.INT8_DYNAMIC:  # the builder's fp32 decoder, quantized after the graph passes
+        run_builder(hf_folder, out, precision_names.FP32, provider)
+        return finish_decoder(out, precision, provider)
     run_builder(hf_folder, out, precision, provider, block_size)
     return finish_decoder(out, precision, provider, block_size)
 

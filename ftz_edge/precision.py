@@ -3,11 +3,13 @@
 The names are plain strings, as they are written in manifests, reports and benchmark rows::
 
     vision tower (ftz-export --precision)       fp32  fp16  int8
-    LLM decoder (ftz-export --llm-precision)    fp32  fp16  int8  int4
+    LLM decoder (ftz-export --llm-precision)    fp32  fp16  int8  int4  int8-dynamic
     PyTorch checkpoints (bench, evaluation)     fp32  bf16  fp16
 
 ``int8`` is the tower's Q/DQ graph (TensorRT's form); ``int8-dynamic`` is ONNX Runtime's dynamic
-INT8 (the CPU form of an int8 tower, ``vision.cpu-int8.onnx``; a benchmark row of its own).
+INT8 (the CPU form of an int8 tower, ``vision.cpu-int8.onnx``; a benchmark row of its own). For the
+LLM, ``int8``/``int4`` are MatMulNBits block-wise weights, and ``int8-dynamic`` a CPU decoder with
+per-channel int8 MatMul weights and activations quantized at run time (fast prefill).
 ``q8_0`` / ``q4_0`` are llama.cpp's GGUF quantizations (benchmark baselines only).
 
 Torch-free: the runtime, ftz-doctor and ftz-serve import it on the device.
@@ -22,10 +24,10 @@ INT8_DYNAMIC = "int8-dynamic"
 Q8_0, Q4_0 = "q8_0", "q4_0"
 
 VisionPrecision = Literal["fp32", "fp16", "int8"]
-LlmPrecision = Literal["fp32", "fp16", "int8", "int4"]
+LlmPrecision = Literal["fp32", "fp16", "int8", "int4", "int8-dynamic"]
 
 VISION_PRECISIONS: Tuple[str, ...] = (FP32, FP16, INT8)
-LLM_PRECISIONS: Tuple[str, ...] = (FP32, FP16, INT8, INT4)
+LLM_PRECISIONS: Tuple[str, ...] = (FP32, FP16, INT8, INT4, INT8_DYNAMIC)
 TORCH_DTYPES: Tuple[str, ...] = (FP32, BF16, FP16)
 GGUF_QUANTS: Tuple[str, ...] = (Q8_0, Q4_0)
 
@@ -36,15 +38,17 @@ DEFAULT_LLM_PRECISION = INT4
 # precision (the first is the default). Its own table also lists fp32 for cuda, but that graph
 # does not load in onnxruntime ("Graph output (present.0.key) does not exist", onnxruntime-genai
 # 0.18), so it is left out (export/llm.py refuses it, saying why).
+# int8-dynamic: ONNX Runtime's dynamic quantization of the fp32 CPU decoder (its integer kernels are
+# the CPU provider's; export/llm.py).
 LLM_PROVIDERS: Dict[str, Tuple[str, ...]] = {FP32: ("cpu",), FP16: ("cuda",), INT8: ("cpu", "cuda"),
-                                             INT4: ("cpu", "cuda")}
+                                             INT4: ("cpu", "cuda"), INT8_DYNAMIC: ("cpu",)}
 
 # Bytes per weight of the exported vision tower. int8: Q/DQ weights with per-channel scales, the
 # FtZ fusion modules and embeddings kept FP16 by default (export/quantize.py): about 1.1 on average.
 VISION_BYTES_PER_WEIGHT: Dict[str, float] = {FP32: 4.0, FP16: 2.0, INT8: 1.1}
 # Bits per MatMul weight of the exported LLM decoder, before block scales / zero points (int8 and
 # int4 are MatMulNBits blocks: ftz_edge.doctor.memory_budget.llm_bytes_per_weight adds those).
-LLM_WEIGHT_BITS: Dict[str, int] = {FP32: 32, FP16: 16, INT8: 8, INT4: 4}
+LLM_WEIGHT_BITS: Dict[str, int] = {FP32: 32, FP16: 16, INT8: 8, INT4: 4, INT8_DYNAMIC: 8}  # per-channel scales: ~0
 QUANTIZED_LLM: Tuple[str, ...] = (INT8, INT4)
 
 

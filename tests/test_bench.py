@@ -276,8 +276,9 @@ def test_one_decoder_row_per_block_size_at_real_size(monkeypatch):
                               "--backends", "onnxruntime", "--llm-block-sizes", "32,128"])
     plan = cli.make_plan(args, gpu=False, cpu_flags=["avx2"])
     measured = sorted(c.label for c in plan.cases if c.target.endswith("llm_bench:ort_case"))
-    assert measured == sorted([f"llm {model} ORT {p}" for model in ("default (tiny Qwen2)",) for p in ("fp32", "int8", "int4")]
-                              + [f"llm Qwen2.5-0.5B ORT {p}" for p in ("fp32", "int8", "int8 b128", "int4", "int4 b128")])
+    assert measured == sorted([f"llm default (tiny Qwen2) ORT {p}" for p in ("fp32", "int8", "int4", "int8-dynamic")]
+                              + [f"llm Qwen2.5-0.5B ORT {p}" for p in ("fp32", "int8", "int8 b128", "int4", "int4 b128",
+                                                                       "int8-dynamic")])
     assert artifacts.llm_ort("real", "qwen2.5-0.5b", "int4", 128) != artifacts.llm_ort("real", "qwen2.5-0.5b", "int4")
     assert artifacts.llm_precision_label("fp32", 128) == "fp32" and artifacts.llm_precision_label("int4", None) == "int4"
     assert cli.parse_args(["--quick"])[1].llm_block_sizes == [32, 128]

@@ -95,7 +95,7 @@ def test_export_help_keeps_each_options_help(capsys):
                    "folder of real images for INT8 calibration", "calibration images the parity checks run on",
                    "INT8 sensitivity report", "same as --sensitivity off", "quantize the FtZ fusion modules too",
                    "skip the CPU form of the tower", "TensorRT timing cache file", "a missed parity target is an error",
-                   "{fp32,fp16,int8}", "{fp32,fp16,int8,int4}"):
+                   "{fp32,fp16,int8}", "{fp32,fp16,int8,int4,int8-dynamic}"):
         assert phrase in text, phrase
 
 
@@ -236,7 +236,7 @@ def test_every_precision_table_covers_the_vocabulary():
     assert tuple(VISION_TARGETS) == P.VISION_PRECISIONS
     assert tuple(mb.TOWER_BYTES_PER_WEIGHT) == P.VISION_PRECISIONS
     assert tuple(llm_export.BUILDER_TARGETS) == P.LLM_PRECISIONS == tuple(P.LLM_WEIGHT_BITS)
-    assert [mb.llm_bytes_per_weight(p, "cpu") for p in P.LLM_PRECISIONS] == [4.0, 2.0, (8 + 40 / 32) / 8, (4 + 36 / 32) / 8]
+    assert [mb.llm_bytes_per_weight(p, "cpu") for p in P.LLM_PRECISIONS] == [4.0, 2.0, (8 + 40 / 32) / 8, (4 + 36 / 32) / 8, 1.0]
     fields = {f.name: f for f in dataclasses.fields(ExportOptions)}
     assert fields["precision"].metadata["choices"] == P.VISION_PRECISIONS
     assert fields["llm_precision"].metadata["choices"] == P.LLM_PRECISIONS
@@ -244,7 +244,7 @@ def test_every_precision_table_covers_the_vocabulary():
 
 def test_parse_names_the_valid_precisions():
     assert P.parse_vision("int8") == "int8" and P.parse_llm("int4") == "int4"
-    with pytest.raises(P.PrecisionError, match=r"^LLM precision must be one of fp32, fp16, int8, int4, got 'int3'$"):
+    with pytest.raises(P.PrecisionError, match=r"^LLM precision must be one of fp32, fp16, int8, int4, int8-dynamic, got 'int3'$"):
         P.parse_llm("int3")
     with pytest.raises(ValueError, match="vision precision must be one of fp32, fp16, int8, got 'int4'"):
         P.parse_vision("int4")

@@ -227,3 +227,30 @@ def test_a_builder_that_ignores_the_block_size_is_caught():
         llm_export.check_block_size(graph_with(32, 128), 128)
     with pytest.raises(ValueError, match="LLM block size 100: MatMulNBits takes 16, 32, 64, 128, 256"):
         llm_export.check_block_size_option(100)
+
+
+# -- int8-dynamic: the builder's fp32 decoder, dynamically quantized ------------------------------
+
+def test_the_int8_dynamic_decoder_is_integer_and_close_to_fp32(hf_llms, tmp_path):
+    """int8-dynamic: the fp32 graph's passes (last-position head, trimmed GQA), then MatMulInteger
+    with per-channel int8 weights; logits stay close to the fp32 decoder's, prompt and next step."""
+    table = np.random.default_rng(0).standard_normal((400, hidden_size(hf_llms))).astype(np.float32)
+    record = llm_export.build_decoder(hf_llms["qwen2"], tmp_path / "dyn", "int8-dynamic", "cpu")
+    llm_export.build_decoder(hf_llms["qwen2"], tmp_path / "fp32", "fp32", "cpu")
+    graph = onnx.load(str(tmp_path / "dyn" / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and not ops & {"MatMul", "MatMulNBits"}
+    assert record["lm_head"] == "last position only" and "block_size" not in record
+    first, second, _ = run_prompt_then_one_step(tmp_path / "dyn", table)
+    ref_first, ref_second, _ = run_prompt_then_one_step(tmp_path / "fp32", table)
+    for got, ref in ((first, ref_first), (second, ref_second)):
+        cosine = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+        assert cosine > 0.99, cosine
+
+
+def test_int8_dynamic_is_a_cpu_only_llm_precision():
+    from ftz_edge import precision as P
+
+    assert P.parse_llm("int8-dynamic") == "int8-dynamic" and P.LLM_PROVIDERS["int8-dynamic"] == ("cpu",)
+    with pytest.raises(ValueError, match="int8-dynamic can be built for cpu, not cuda"):
+        llm_export.check_target("int8-dynamic", "cuda")
