@@ -81,7 +81,7 @@ class ExportOptions:
     # default: what the precision is built for first (ftz_edge.precision.LLM_PROVIDERS)
     llm_provider: Optional[str] = _option(None, "execution provider the LLM is built for", LLM_PROVIDER_NAMES)
     # int4/int8: weights per quantization scale. 32 (the builder's and llama.cpp Q4_0's block) keeps
-    # the weights closest; 128 prefilled 1.3x and decoded 1.4x faster on a 2-core CPU (docs/export.md).
+    # the weights closest; 128 prefilled 1.3x and decoded 1.4-1.6x faster on a 2-core CPU (docs/export.md).
     llm_block_size: int = _option(DEFAULT_BLOCK_SIZE, "int4/int8 LLM: weights per quantization scale (larger: "
                                                       "faster, coarser)", BLOCK_SIZES)
     # default: the shipped default model's calibration images

@@ -38,7 +38,7 @@ UNLOADABLE = {(precision_names.FP32, "cuda"): "its fp32 graph for CUDA does not 
 LM_HEAD_OPS = ("MatMul", "MatMulNBits")  # fp32/fp16: MatMul; int4/int8: MatMulNBits (block-wise weights)
 # Weights per quantization scale of the int4/int8 decoders (MatMulNBits ``block_size``). 32 is the
 # builder's default and llama.cpp Q4_0's block; 128 (the usual GPTQ/AWQ group) prefilled 1.3x and
-# decoded 1.4x faster than 32 for Qwen2.5-0.5B on a 2-core Zen 5, at a larger weight error
+# decoded 1.4-1.6x faster than 32 for Qwen2.5-0.5B on a 2-core Zen 5, at a larger weight error
 # (docs/export.md has the figures): a speed/quality choice left to the user.
 DEFAULT_BLOCK_SIZE = 32
 BLOCK_SIZES = (16, 32, 64, 128, 256)
