@@ -29,7 +29,6 @@ from typing import Optional
 from ftz_edge import DEFAULT_MODEL
 from ftz_edge import precision as P
 from ftz_edge.atomic import atomic_folder
-from ftz_edge.export.llm import DEFAULT_BLOCK_SIZE
 
 SEED = 0
 # Bump to invalidate every cached artifact (a change in how they are built).
@@ -106,18 +105,18 @@ def llm_hf(size: str, llm: Optional[str]) -> Path:
     return DEFAULT_MODEL / "llm" if size == "default" else llm_folder(size, llm) / "hf"
 
 
-def llm_ort(size: str, llm: Optional[str], precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Path:
+def llm_ort(size: str, llm: Optional[str], precision: str, block_size: int = P.DEFAULT_LLM_BLOCK_SIZE) -> Path:
     # "-lasthead": the decoder as ftz-export ships it (LM head on the last position, GQA inputs
     # trimmed); folders cached before that change hold the builder's raw graph and are not reused.
-    block = f"-b{block_size}" if block_size != DEFAULT_BLOCK_SIZE else ""
+    block = f"-b{block_size}" if block_size != P.DEFAULT_LLM_BLOCK_SIZE else ""
     return llm_folder(size, llm) / f"ort-{precision}{block}-lasthead"
 
 
-def llm_precision_label(precision: str, block_size: Optional[int] = DEFAULT_BLOCK_SIZE) -> str:
+def llm_precision_label(precision: str, block_size: Optional[int] = P.DEFAULT_LLM_BLOCK_SIZE) -> str:
     """A decoder's precision as the tables show it: "int4", or "int4 b128" for a quantized decoder
     whose block size is not ftz-export's default (fp32 has none)."""
-    quantized = precision in (P.INT4, P.INT8)
-    return f"{precision} b{block_size}" if quantized and block_size not in (None, DEFAULT_BLOCK_SIZE) else precision
+    default = block_size in (None, P.DEFAULT_LLM_BLOCK_SIZE)
+    return f"{precision} b{block_size}" if precision in P.QUANTIZED_LLM and not default else precision
 
 
 def is_built(path: Path) -> bool:
@@ -269,7 +268,8 @@ def _embedding_table(hf: Path):
     raise FileNotFoundError(f"no embed_tokens.weight in {hf}")
 
 
-def build_llm_ort(size: str, llm: Optional[str], precision: str, block_size: int = DEFAULT_BLOCK_SIZE) -> list[dict]:
+def build_llm_ort(size: str, llm: Optional[str], precision: str,
+                  block_size: int = P.DEFAULT_LLM_BLOCK_SIZE) -> list[dict]:
     """ORT GenAI's builder on the HF folder (as ftz-export does, ``exclude_embeds=true``), CPU."""
     import numpy as np
 

@@ -173,8 +173,8 @@ class Plan:
                 continue
             # int4 / int8 at real size: one decoder per block size asked for (fp32 and fp16 have none;
             # the tiny default LLM's layers are narrower than the larger blocks).
-            quantized = precision in (P.INT4, P.INT8) and size == "real"
-            blocks = a.llm_block_sizes if quantized else [artifacts.DEFAULT_BLOCK_SIZE]
+            blockwise = precision in P.QUANTIZED_LLM and size == "real"
+            blocks = a.llm_block_sizes if blockwise else [P.DEFAULT_LLM_BLOCK_SIZE]
             for block in blocks:
                 label = artifacts.llm_precision_label(precision, block)
                 row = make_row("llm", size, model, "LLM", "ONNX Runtime (runtime decoder)", label, 1)
@@ -391,9 +391,9 @@ def parse_args(argv=None):
     p.add_argument("--llm", default="qwen2.5-0.5b,tinyllama-1.1b", help="real-size LLMs: " + ", ".join(artifacts.LLMS))
     p.add_argument("--backends", help="only these: " + ", ".join(VISION_BACKENDS + LLM_BACKENDS))
     p.add_argument("--precisions", help="only these: " + ", ".join(PRECISIONS))
-    p.add_argument("--llm-block-sizes", default=str(artifacts.DEFAULT_BLOCK_SIZE),
+    p.add_argument("--llm-block-sizes", default=str(P.DEFAULT_LLM_BLOCK_SIZE),
                    help="int4/int8 decoders: one row per quantization block size (ftz-export --llm-block-size; "
-                        f"default {artifacts.DEFAULT_BLOCK_SIZE}, its default)")
+                        f"default {P.DEFAULT_LLM_BLOCK_SIZE}, its default)")
     p.add_argument("--batch", help="vision batch sizes (default 1,4; 1,4,8 on a GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="discarded runs before them (default 1)")
@@ -428,9 +428,8 @@ def parse_args(argv=None):
     args.llms = _csv(args.llm, artifacts.LLMS, "LLM")
     args.backends = _csv(args.backends, VISION_BACKENDS + LLM_BACKENDS, "backend")
     args.precisions = _csv(args.precisions, PRECISIONS, "precision")
-    from ftz_edge.export.llm import BLOCK_SIZES
-
-    args.llm_block_sizes = [int(b) for b in _csv(args.llm_block_sizes, [str(b) for b in BLOCK_SIZES], "LLM block size")]
+    args.llm_block_sizes = [int(b) for b in _csv(args.llm_block_sizes, [str(b) for b in P.LLM_BLOCK_SIZES],
+                                                 "LLM block size")]
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 2:
         p.error("--repeats must be ≥ 1, --warmup ≥ 0, --new-tokens ≥ 2")
     for bundle in args.e2e_bundle or []:

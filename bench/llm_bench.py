@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ftz_edge import precision as P
 from ftz_edge.bench import artifacts
 from ftz_edge.bench.isolate import tick
 from ftz_edge.bench.results import make_row
@@ -114,7 +115,7 @@ def transformers_case(size: str, llm: Optional[str], precision: str, device: str
 
 
 def ort_case(size: str, llm: Optional[str], precision: str, new_tokens: int, repeats: int, warmup: int,
-             providers: Optional[list] = None, block_size: int = artifacts.DEFAULT_BLOCK_SIZE) -> list[dict]:
+             providers: Optional[list] = None, block_size: int = P.DEFAULT_LLM_BLOCK_SIZE) -> list[dict]:
     """The runtime's decoder (ftz_edge.runtime.decoder.OnnxDecoder) on the ORT GenAI build."""
     from ftz_edge.runtime.decoder import OnnxDecoder
 

@@ -39,7 +39,7 @@ GIB = 1 << 30
 # ONNX Runtime GenAI's builder stores INT4 / INT8 weights in MatMulNBits blocks of 32 with one
 # scale (fp32 for a CPU build, fp16 for CUDA) and one zero point of the same bit width per block.
 # Checked: Qwen2.5-0.5B at int4 for CPU comes to 316 MB by this rule, 317 MB measured (an ORT GenAI build on this project's machines).
-LLM_BLOCK = 32
+LLM_BLOCK = P.DEFAULT_LLM_BLOCK_SIZE  # what ftz-export writes unless --llm-block-size says otherwise
 # The vision tower: INT8 is Q/DQ weights with per-channel scales, and the FtZ fusion modules and
 # embeddings stay FP16 by default (export/quantize.py): about 1.1 bytes per weight on average.
 TOWER_BYTES_PER_WEIGHT = P.VISION_BYTES_PER_WEIGHT

@@ -36,7 +36,6 @@ from ftz_edge import precision as precision_names
 from ftz_edge.atomic import DestinationError, atomic_folder, check_destination, work_folder
 from ftz_edge.cli.args import DataclassOptions, OneLineParser
 from ftz_edge.export.forms import DEFAULT_CALIB_METHOD
-from ftz_edge.export.llm import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
 from ftz_edge import prompt as prompt_format
 from ftz_edge.manifest import (
     BundleManifest, EncoderShape, EncodersSection, LLMSection, PreprocessSection, PromptSection, TensorRTEngine,
@@ -82,8 +81,8 @@ class ExportOptions:
     llm_provider: Optional[str] = _option(None, "execution provider the LLM is built for", LLM_PROVIDER_NAMES)
     # int4/int8: weights per quantization scale. 32 (the builder's and llama.cpp Q4_0's block) keeps
     # the weights closest; 128 prefilled 1.3x and decoded 1.4-1.6x faster on a 2-core CPU (docs/export.md).
-    llm_block_size: int = _option(DEFAULT_BLOCK_SIZE, "int4/int8 LLM: weights per quantization scale (larger: "
-                                                      "faster, coarser)", BLOCK_SIZES)
+    llm_block_size: int = _option(precision_names.DEFAULT_LLM_BLOCK_SIZE, "int4/int8 LLM: weights per quantization "
+                                  "scale (larger: faster, coarser)", precision_names.LLM_BLOCK_SIZES)
     # default: the shipped default model's calibration images
     calib_images: Optional[str] = _option(None, "folder of real images for INT8 calibration and validation")
     # entropy was unstable on ViTs here (README)

@@ -36,12 +36,6 @@ GQA_MAX_INPUTS_1_22 = 11
 # Targets the builder makes but onnxruntime cannot load, and why (check_target says so).
 UNLOADABLE = {(precision_names.FP32, "cuda"): "its fp32 graph for CUDA does not load in onnxruntime"}
 LM_HEAD_OPS = ("MatMul", "MatMulNBits")  # fp32/fp16: MatMul; int4/int8: MatMulNBits (block-wise weights)
-# Weights per quantization scale of the int4/int8 decoders (MatMulNBits ``block_size``). 32 is the
-# builder's default and llama.cpp Q4_0's block; 128 (the usual GPTQ/AWQ group) prefilled 1.3x and
-# decoded 1.4-1.6x faster than 32 for Qwen2.5-0.5B on a 2-core Zen 5, at a larger weight error
-# (docs/export.md has the figures): a speed/quality choice left to the user.
-DEFAULT_BLOCK_SIZE = 32
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 class LlmExportError(RuntimeError):
@@ -65,18 +59,13 @@ def embeddings_dtype(precision: str):
     return np.float32 if precision == precision_names.FP32 else np.float16
 
 
-def quantized(precision: str) -> bool:
-    """Whether the builder quantizes this precision's weights block-wise (MatMulNBits)."""
-    return precision in (precision_names.INT4, precision_names.INT8)
-
-
 def run_builder(hf_folder: Path, out: Path, precision: str, provider: str,
-                block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                block_size: int = precision_names.DEFAULT_LLM_BLOCK_SIZE) -> None:
     """ONNX Runtime GenAI's model builder: a Hugging Face folder -> ``out/model.onnx`` taking
     ``inputs_embeds`` (``exclude_embeds=true``) + ``genai_config.json``. Raises LlmExportError
     with the builder's last lines when it fails."""
     extra = ["exclude_embeds=true"]
-    if quantized(precision):
+    if precision in precision_names.QUANTIZED_LLM:
         # The option's name changed (int4_block_size, then block_size, the old one kept as an alias
         # that 0.18 ignores): both are given, and check_block_size reads what the graph got.
         extra += [f"block_size={block_size}", f"int4_block_size={block_size}"]
@@ -223,7 +212,8 @@ def finish_decoder(out: Path, precision: str, provider: str, block_size: Optiona
     load check. Returns what the manifest records about it (versions, minimum onnxruntime)."""
     from importlib import metadata
 
-    needed = adapt_graph(Path(out) / "model.onnx", block_size if quantized(precision) else None)
+    blockwise = precision in precision_names.QUANTIZED_LLM
+    needed = adapt_graph(Path(out) / "model.onnx", block_size if blockwise else None)
     if precision == precision_names.INT8_DYNAMIC:
         quantize_dynamic_int8(Path(out) / "model.onnx")
     loaded_with = check_loads(Path(out) / "model.onnx", precision, provider)
@@ -233,7 +223,7 @@ def finish_decoder(out: Path, precision: str, provider: str, block_size: Optiona
         "onnxruntime_version": loaded_with,
         "min_onnxruntime": needed,
         "lm_head": "last position only",
-        **({"block_size": block_size} if quantized(precision) and block_size else {}),
+        **({"block_size": block_size} if blockwise and block_size else {}),
     }
 
 
@@ -258,7 +248,7 @@ def quantize_dynamic_int8(path: Path) -> None:
 
 
 def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str,
-                  block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+                  block_size: int = precision_names.DEFAULT_LLM_BLOCK_SIZE) -> dict:
     """The decoder a bundle ships, from a Hugging Face folder (ftz-export and ftz-bench): the
     builder, then ``finish_decoder``. Raises ValueError for a target refused by check_target,
     LlmExportError when the builder fails or its graph does not load."""
@@ -272,11 +262,13 @@ def build_decoder(hf_folder: Path, out: Path, precision: str, provider: str,
 
 
 def check_block_size_option(block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"LLM block size {block_size}: MatMulNBits takes {', '.join(map(str, BLOCK_SIZES))}")
+    if block_size not in precision_names.LLM_BLOCK_SIZES:
+        raise ValueError(f"LLM block size {block_size}: MatMulNBits takes "
+                         f"{', '.join(map(str, precision_names.LLM_BLOCK_SIZES))}")
 
 
-def export_llm(model, out: Path, precision: str, provider: str, block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+def export_llm(model, out: Path, precision: str, provider: str,
+               block_size: int = precision_names.DEFAULT_LLM_BLOCK_SIZE) -> dict:
     """Build ``out/model.onnx`` (+ its weights file and ``genai_config.json``), ``out/embed_tokens.npy``
     and ``out/tokenizer.json`` from the model's (possibly fine-tuned) LLM; returns the manifest's
     ``llm`` entry. Raises ValueError for a target the builder cannot make, LlmExportError when the

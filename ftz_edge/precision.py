@@ -49,7 +49,13 @@ VISION_BYTES_PER_WEIGHT: Dict[str, float] = {FP32: 4.0, FP16: 2.0, INT8: 1.1}
 # Bits per MatMul weight of the exported LLM decoder, before block scales / zero points (int8 and
 # int4 are MatMulNBits blocks: ftz_edge.doctor.memory_budget.llm_bytes_per_weight adds those).
 LLM_WEIGHT_BITS: Dict[str, int] = {FP32: 32, FP16: 16, INT8: 8, INT4: 4, INT8_DYNAMIC: 8}  # per-channel scales: ~0
-QUANTIZED_LLM: Tuple[str, ...] = (INT8, INT4)
+QUANTIZED_LLM: Tuple[str, ...] = (INT8, INT4)  # MatMulNBits blocks (int8-dynamic: per-channel scales)
+# Weights per quantization scale of those (MatMulNBits ``block_size``, ftz-export --llm-block-size).
+# 32 is ONNX Runtime GenAI's builder default and llama.cpp Q4_0's block; 128 (the usual GPTQ/AWQ
+# group) prefilled 1.3x and decoded 1.4-1.6x faster than 32 for Qwen2.5-0.5B on a 2-core Zen 5, at
+# a larger weight error (docs/export.md has the figures): a speed/quality choice left to the user.
+LLM_BLOCK_SIZES: Tuple[int, ...] = (16, 32, 64, 128, 256)
+DEFAULT_LLM_BLOCK_SIZE = 32
 
 
 class PrecisionError(ValueError):

@@ -102,10 +102,6 @@ class OnnxDecoder:
         needed). Capped at the model's context length."""
         return KVCache(self, batch, capacity)
 
-    @staticmethod
-    def cache_length(cache: "KVCache") -> int:
-        return cache.length
-
     def forward(self, embeds: np.ndarray, cache: "KVCache") -> Tuple[np.ndarray, "KVCache"]:
         """Run ``embeds`` (B, T, D) after the cached positions; returns the last position's logits
         (B, vocab) (float32, on the host) and the cache, which now holds these T positions too (it is
